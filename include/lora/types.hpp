@@ -1,0 +1,41 @@
+// The matrix types every header shares, and the one place that sets the thread count.
+//
+// Matrices are row-major, as PyTorch and safetensors store them: tokens are rows, a weight is
+// (out, in), and a buffer read from a file can be wrapped with Eigen::Map without a copy.
+#pragma once
+
+#include <Eigen/Core>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace lora {
+
+using Index = Eigen::Index;
+
+template <class Scalar>
+using Mat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class Scalar>
+using Vec = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+template <class Scalar>
+using MatRef = Eigen::Ref<const Mat<Scalar>>;
+template <class Scalar>
+using VecRef = Eigen::Ref<const Vec<Scalar>>;
+template <class Scalar>
+using MatMap = Eigen::Map<Mat<Scalar>>;
+template <class Scalar>
+using ConstMatMap = Eigen::Map<const Mat<Scalar>>;
+
+// Threads used by Eigen's GEMMs (OpenMP). n <= 0 restores the default (all cores).
+inline void set_num_threads(int n) {
+#ifdef _OPENMP
+  if (n <= 0) n = omp_get_num_procs();
+  omp_set_num_threads(n);
+#endif
+  Eigen::setNbThreads(n <= 0 ? 0 : n);
+}
+
+inline int num_threads() { return Eigen::nbThreads(); }
+
+}  // namespace lora
