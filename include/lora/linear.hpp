@@ -1,0 +1,367 @@
+// LoraLinear<Scalar>: a frozen linear layer W (out, in) + b with a trainable low-rank update.
+//
+//   y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ        x (n, in) -> y (n, out)
+//   A (r, in), B (out, r), s = alpha/r (alpha/sqrt(r) with rsLoRA)
+//
+// B·A is never formed in a forward pass: the LoRA branch is two thin GEMMs through (n, r).
+// Only A and B (and, in BiasMode::trainable, b) are trainable; W's bytes never change except
+// through merge/unmerge.
+//
+// Weight storage. The layer owns W, or borrows it:
+//   - a writable borrow (MatMap) is used in place; merge writes into the caller's memory;
+//   - a read-only borrow (ConstMatMap, e.g. a mapped safetensors tensor) is never written:
+//     merge copies W into the layer first (copy on write) and unmerge drops the copy, going back
+//     to the borrowed bytes, which restores W exactly.
+// With fan_in_fan_out (GPT-2's Conv1D) W is stored (in, out); the math is the same.
+//
+// Merge state. merge() adds s·B·A to W, after which forward is one GEMM; unmerge() subtracts it.
+// Both are no-ops when already in that state (PEFT's behaviour), so W is never doubly merged.
+// In floating point, W + Δ − Δ need not equal W; with exact_unmerge the layer keeps a copy of W
+// while merged and unmerge restores it bit-for-bit. Training (forward_train/backward) and
+// setting A or B are errors while merged: unmerge first.
+#pragma once
+
+#include <lora/dropout.hpp>
+#include <lora/error.hpp>
+#include <lora/init.hpp>
+#include <lora/types.hpp>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lora {
+
+enum class BiasMode {
+  frozen,     // PEFT bias="none": b is part of the frozen base
+  trainable,  // PEFT bias="lora_only": b of this layer is trained with A and B
+};
+
+struct LoraConfig {
+  int r = 8;
+  double alpha = 8;
+  double dropout = 0;  // p in [0, 1), on the LoRA branch's input only
+  bool use_rslora = false;
+  BiasMode bias = BiasMode::frozen;
+  Init init = Init::kaiming;
+  std::uint64_t seed = 0;       // for init and dropout masks
+  bool fan_in_fan_out = false;  // W is given as (in, out), GPT-2 Conv1D style
+  bool exact_unmerge = false;   // keep W while merged so unmerge restores it bit-for-bit
+
+  double scaling() const { return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r; }
+};
+
+// A trainable tensor and its gradient, for optimizers. Views into the layer.
+template <class Scalar>
+struct Parameter {
+  std::string name;
+  MatMap<Scalar> value;
+  MatMap<Scalar> grad;
+};
+
+template <class Scalar>
+class LoraLinear {
+ public:
+  using Mat = lora::Mat<Scalar>;
+  using Vec = lora::Vec<Scalar>;
+  using MatRef = lora::MatRef<Scalar>;
+  using MatMap = lora::MatMap<Scalar>;
+  using ConstMatMap = lora::ConstMatMap<Scalar>;
+
+  // Owned weight (out, in) (or (in, out) with fan_in_fan_out), optional bias (out).
+  LoraLinear(Mat weight, std::optional<Vec> bias, const LoraConfig& config)
+      : w_own_(std::move(weight)), use_own_(true) {
+    setup(w_own_.rows(), w_own_.cols(), std::move(bias), config);
+  }
+  // Writable borrow: the caller keeps the memory alive; merge writes into it.
+  LoraLinear(MatMap weight, std::optional<Vec> bias, const LoraConfig& config) : w_borrow_(weight.data()) {
+    setup(weight.rows(), weight.cols(), std::move(bias), config);
+  }
+  // Read-only borrow: the caller keeps the memory alive; it is never written (merge copies).
+  LoraLinear(ConstMatMap weight, std::optional<Vec> bias, const LoraConfig& config) : w_borrow_ro_(weight.data()) {
+    setup(weight.rows(), weight.cols(), std::move(bias), config);
+  }
+
+  Index in_features() const { return in_; }
+  Index out_features() const { return out_; }
+  int rank() const { return config_.r; }
+  Scalar scaling() const { return s_; }
+  const LoraConfig& config() const { return config_; }
+  bool has_bias() const { return has_bias_; }
+  bool is_merged() const { return merged_; }
+  // True while W is memory the layer does not own.
+  bool is_borrowed() const { return !use_own_; }
+
+  // W as stored: (out, in), or (in, out) with fan_in_fan_out. Merged while is_merged().
+  ConstMatMap weight() const { return ConstMatMap(wdata(), w_rows_, w_cols_); }
+  const Vec& bias() const { return bias_; }  // size 0 when the layer has none
+  const Mat& lora_A() const { return A_; }
+  const Mat& lora_B() const { return B_; }
+  const Mat& grad_A() const { return grad_A_; }
+  const Mat& grad_B() const { return grad_B_; }
+  const Vec& grad_bias() const { return grad_bias_; }  // size 0 unless BiasMode::trainable
+
+  // A (r, in). Refused while merged (W would no longer match).
+  void set_lora_A(const MatRef& a) { set_factor("set_lora_A", "A", a, A_); }
+  // B (out, r). Refused while merged.
+  void set_lora_B(const MatRef& b) { set_factor("set_lora_B", "B", b, B_); }
+
+  // ---- evaluation ------------------------------------------------------------------------
+  // x (n, in) -> y (n, out). const and thread-safe; no dropout.
+  //   y = b + x·Wᵀ + s·(x·Aᵀ)·Bᵀ       (merged: y = b + x·Wᵀ)
+  Mat forward(const MatRef& x) const {
+    Mat y;
+    forward(x, y);
+    return y;
+  }
+
+  // Writes into y, resized only when its shape differs: a reused y allocates nothing.
+  void forward(const MatRef& x, Mat& y) const {
+    check_input("forward", x);
+    y.resize(x.rows(), out_);
+    init_with_bias(y);
+    add_base(x, y);
+    if (!merged_) {
+      thread_local Mat t;
+      t.noalias() = x * A_.transpose();
+      y.noalias() += s_ * t * B_.transpose();
+    }
+  }
+
+  // ---- training --------------------------------------------------------------------------
+  // forward_train, x (n, in) -> y (n, out), keeps in cache_:
+  //   xd = drop(x) (n, in), mask (n, in) (p > 0 only), t = xd·Aᵀ (n, r)
+  //   y  = b + x·Wᵀ + s·t·Bᵀ
+  // backward, dy (n, out) -> dx (n, in), consumes the cache:
+  //   dB += s·dyᵀ·t      g = s·dy·B (n, r)      dA += gᵀ·xd      db += Σ_rows dy (trainable bias)
+  //   dx  = dy·W + mask ⊙ (g·A)
+  Mat forward_train(const MatRef& x) {
+    check_input("forward_train", x);
+    if (merged_) detail::fail("LoraLinear::forward_train: the layer is merged; call unmerge() before training");
+    Cache& c = cache_;
+    if (config_.dropout > 0) {
+      dropout_mask(c.mask, x.rows(), in_, config_.dropout, rng_);
+      c.xd = x.cwiseProduct(c.mask);
+    } else {
+      c.xd = x;
+    }
+    c.t.noalias() = c.xd * A_.transpose();
+    Mat y(x.rows(), out_);
+    init_with_bias(y);
+    add_base(x, y);
+    y.noalias() += s_ * c.t * B_.transpose();
+    c.valid = true;
+    return y;
+  }
+
+  Mat backward(const MatRef& dy) {
+    Cache& c = cache_;
+    if (!c.valid) detail::fail("LoraLinear::backward: no forward_train to go back through (call forward_train first)");
+    if (dy.rows() != c.xd.rows() || dy.cols() != out_)
+      detail::fail("LoraLinear::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected ",
+                   detail::shape(c.xd.rows(), out_));
+    grad_B_.noalias() += s_ * dy.transpose() * c.t;
+    c.g.noalias() = s_ * dy * B_;
+    grad_A_.noalias() += c.g.transpose() * c.xd;
+    if (config_.bias == BiasMode::trainable) grad_bias_ += dy.colwise().sum().transpose();
+    Mat dx(dy.rows(), in_);
+    if (config_.fan_in_fan_out)
+      dx.noalias() = dy * weight().transpose();
+    else
+      dx.noalias() = dy * weight();
+    if (config_.dropout > 0) {
+      c.xd.noalias() = c.g * A_;  // xd is no longer needed: reuse it for g·A
+      dx += c.mask.cwiseProduct(c.xd);
+    } else {
+      dx.noalias() += c.g * A_;
+    }
+    c.valid = false;
+    return dx;
+  }
+
+  // Restarts the sequence of dropout masks: the next forward_train after reseed(k) draws the
+  // same mask as the first one of a layer built with seed k.
+  void reseed(std::uint64_t seed) { rng_ = detail::Rng(seed ^ 0xd1b54a32d192ed03ULL); }  // its own stream, apart from init's
+
+  void zero_grad() {
+    grad_A_.setZero();
+    grad_B_.setZero();
+    grad_bias_.setZero();
+  }
+
+  // The trainable tensors with their gradients: lora_A, lora_B, and bias in trainable mode.
+  std::vector<Parameter<Scalar>> parameters() {
+    std::vector<Parameter<Scalar>> p;
+    p.push_back({"lora_A", MatMap(A_.data(), A_.rows(), A_.cols()), MatMap(grad_A_.data(), A_.rows(), A_.cols())});
+    p.push_back({"lora_B", MatMap(B_.data(), B_.rows(), B_.cols()), MatMap(grad_B_.data(), B_.rows(), B_.cols())});
+    if (config_.bias == BiasMode::trainable)
+      p.push_back({"bias", MatMap(bias_.data(), 1, out_), MatMap(grad_bias_.data(), 1, out_)});
+    return p;
+  }
+
+  Index trainable_parameters() const {
+    return A_.size() + B_.size() + (config_.bias == BiasMode::trainable ? out_ : 0);
+  }
+  Index frozen_parameters() const {
+    return out_ * in_ + (has_bias_ && config_.bias == BiasMode::frozen ? out_ : 0);
+  }
+  // What full fine-tuning of the base layer trains: W and b.
+  Index base_parameters() const { return out_ * in_ + (has_bias_ ? out_ : 0); }
+
+  // ---- merge -----------------------------------------------------------------------------
+  // s·B·A (out, in), whatever the storage layout of W.
+  Mat delta_weight() const {
+    Mat d(out_, in_);
+    d.noalias() = s_ * B_ * A_;
+    return d;
+  }
+
+  // W += s·B·A. No-op when merged.
+  void merge() {
+    if (merged_) return;
+    begin_merge();
+    add_delta(writable_weight(), Scalar(1));
+    merged_ = true;
+  }
+
+  // As merge(), but computes the merged weight first and throws, changing nothing, if any value
+  // is not finite.
+  void safe_merge() {
+    if (merged_) return;
+    Mat merged = weight();
+    MatMap m(merged.data(), w_rows_, w_cols_);
+    add_delta(m, Scalar(1));
+    if (!merged.allFinite())
+      detail::fail("LoraLinear::safe_merge: the merged weight has non-finite values; W is unchanged");
+    begin_merge();
+    writable_weight() = merged;
+    merged_ = true;
+  }
+
+  // W -= s·B·A (or W restored exactly, see above). No-op when not merged.
+  void unmerge() {
+    if (!merged_) return;
+    if (w_borrow_ro_) {
+      use_own_ = false;  // back to the untouched borrowed bytes
+      w_own_.resize(0, 0);
+    } else if (config_.exact_unmerge) {
+      writable_weight() = w_saved_;
+      w_saved_.resize(0, 0);
+    } else {
+      add_delta(writable_weight(), Scalar(-1));
+    }
+    merged_ = false;
+  }
+
+ private:
+  struct Cache {
+    Mat xd, mask, t, g;
+    bool valid = false;
+  };
+
+  void setup(Index rows, Index cols, std::optional<Vec> bias, const LoraConfig& config) {
+    const char* where = "LoraLinear: ";
+    if (config.r < 1) detail::fail(where, "r is ", config.r, ", expected r >= 1");
+    if (!std::isfinite(config.alpha) || config.alpha <= 0)
+      detail::fail(where, "alpha is ", config.alpha, ", expected a finite value > 0");
+    if (!(config.dropout >= 0 && config.dropout < 1))
+      detail::fail(where, "dropout is ", config.dropout, ", expected 0 <= p < 1");
+    if (rows < 1 || cols < 1) detail::fail(where, "weight is ", detail::shape(rows, cols), ", expected a non-empty matrix");
+    config_ = config;
+    w_rows_ = rows;
+    w_cols_ = cols;
+    out_ = config.fan_in_fan_out ? cols : rows;
+    in_ = config.fan_in_fan_out ? rows : cols;
+    if (bias) {
+      if (bias->size() != out_)
+        detail::fail(where, "bias is (", bias->size(), "), expected (", out_, ") for a weight of ", detail::shape(rows, cols),
+                     config.fan_in_fan_out ? " stored (in, out)" : "");
+      bias_ = std::move(*bias);
+      has_bias_ = true;
+    } else if (config.bias == BiasMode::trainable) {
+      detail::fail(where, "bias mode is trainable but the layer has no bias");
+    }
+    s_ = static_cast<Scalar>(config.scaling());
+    A_.resize(config.r, in_);
+    B_.resize(out_, config.r);
+    detail::Rng init_rng(config.seed);
+    init_lora(config.init, A_, B_, init_rng);
+    reseed(config.seed);
+    grad_A_ = Mat::Zero(config.r, in_);
+    grad_B_ = Mat::Zero(out_, config.r);
+    if (config.bias == BiasMode::trainable) grad_bias_ = Vec::Zero(out_);
+  }
+
+  const Scalar* wdata() const { return use_own_ ? w_own_.data() : (w_borrow_ ? w_borrow_ : w_borrow_ro_); }
+
+  // W as writable memory; a read-only borrow is copied first (see begin_merge).
+  MatMap writable_weight() { return MatMap(use_own_ ? w_own_.data() : w_borrow_, w_rows_, w_cols_); }
+
+  // Before W changes: a read-only borrow gets its private copy; exact mode saves W.
+  void begin_merge() {
+    if (w_borrow_ro_) {
+      w_own_ = ConstMatMap(w_borrow_ro_, w_rows_, w_cols_);
+      use_own_ = true;
+    } else if (config_.exact_unmerge) {
+      w_saved_ = weight();
+    }
+  }
+
+  // w += sign·s·B·A in W's storage layout, as one GEMM, no (out, in) temporary.
+  void add_delta(MatMap w, Scalar sign) const {
+    if (config_.fan_in_fan_out)
+      w.noalias() += (sign * s_) * A_.transpose() * B_.transpose();
+    else
+      w.noalias() += (sign * s_) * B_ * A_;
+  }
+
+  void check_input(const char* fn, const MatRef& x) const {
+    if (x.cols() != in_)
+      detail::fail("LoraLinear::", fn, ": X is ", detail::shape(x.rows(), x.cols()), ", expected (n, ", in_, ")");
+  }
+
+  // y <- b broadcast (or 0). Eigen's GEMM accumulates, so this costs what setZero would.
+  void init_with_bias(Mat& y) const {
+    if (has_bias_)
+      y.rowwise() = bias_.transpose();
+    else
+      y.setZero();
+  }
+
+  void add_base(const MatRef& x, Mat& y) const {
+    if (config_.fan_in_fan_out)
+      y.noalias() += x * weight();
+    else
+      y.noalias() += x * weight().transpose();
+  }
+
+  void set_factor(const char* fn, const char* what, const MatRef& v, Mat& dst) {
+    if (merged_) detail::fail("LoraLinear::", fn, ": the layer is merged; unmerge() before changing ", what);
+    if (v.rows() != dst.rows() || v.cols() != dst.cols())
+      detail::fail("LoraLinear::", fn, ": ", what, " is ", detail::shape(v.rows(), v.cols()), ", expected ",
+                   detail::shape(dst.rows(), dst.cols()));
+    dst = v;
+  }
+
+  LoraConfig config_;
+  Index in_ = 0, out_ = 0, w_rows_ = 0, w_cols_ = 0;
+  Scalar s_ = 1;
+
+  Mat w_own_;                             // owned W, or the private copy of a read-only borrow
+  Scalar* w_borrow_ = nullptr;            // writable borrow
+  const Scalar* w_borrow_ro_ = nullptr;   // read-only borrow
+  bool use_own_ = false;                  // W is w_own_
+  Mat w_saved_;                           // W before merge, in exact_unmerge mode
+  bool merged_ = false;
+
+  Vec bias_;
+  bool has_bias_ = false;
+  Mat A_, B_, grad_A_, grad_B_;
+  Vec grad_bias_;
+  detail::Rng rng_;
+  Cache cache_;
+};
+
+}  // namespace lora

@@ -1,0 +1,125 @@
+// Runs every comparison a fixture file supports, in double and in float, against the values
+// PEFT/torch recorded. Shared by the unit tests and by the fixture_check program, so both make
+// exactly the same checks. The kind comes from the metadata "case" (see the fixtures README);
+// shapes, r, alpha and flags are all read from the file, never assumed.
+//
+// Tolerances: double <= 1e-10 absolute; float <= 1e-5 relative to the largest |expected|.
+#pragma once
+
+#include <lora/linear.hpp>
+#include <lora/safetensors.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace fixture {
+
+struct Comparison {
+  std::string scalar;  // "double" or "float"
+  std::string what;
+  double error;  // absolute (double) or relative to max |expected| (float)
+  double tolerance;
+  bool ok() const { return error <= tolerance; }  // false for NaN too
+};
+
+struct Report {
+  std::string kind;
+  bool supported = false;
+  std::string note;  // why a kind is not supported
+  std::vector<Comparison> comparisons;
+  bool ok() const {
+    if (!supported || comparisons.empty()) return false;
+    for (const auto& c : comparisons)
+      if (!c.ok()) return false;
+    return true;
+  }
+};
+
+template <class Scalar>
+struct Checker {
+  const lora::SafeTensors& st;
+  Report& report;
+  const char* name = std::is_same_v<Scalar, double> ? "double" : "float";
+
+  lora::Mat<Scalar> get(const std::string& t) const { return st.matrix<Scalar>(t); }
+
+  template <class Got>
+  void compare(const std::string& what, const Got& got, const std::string& expected_name) const {
+    compare(what, got, st.matrix<double>(expected_name));
+  }
+
+  template <class Got>
+  void compare(const std::string& what, const Got& got, const lora::Mat<double>& expected) const {
+    double err;
+    if (got.rows() != expected.rows() || got.cols() != expected.cols()) {
+      err = INFINITY;
+    } else {
+      err = (got.template cast<double>() - expected).cwiseAbs().maxCoeff();
+      if (std::is_same_v<Scalar, float>) err /= std::max(expected.cwiseAbs().maxCoeff(), 1e-30);
+    }
+    if (std::isnan(err)) err = INFINITY;
+    report.comparisons.push_back({name, what, err, std::is_same_v<Scalar, double> ? 1e-10 : 1e-5});
+  }
+
+  // kinds "linear" and "linear_fan_in_fan_out"
+  void linear(const nlohmann::json& c) const {
+    const bool fan = c["kind"] == "linear_fan_in_fan_out";
+    const std::string wname = fan ? "weight_in_out" : "weight";
+    lora::LoraConfig cfg;
+    cfg.r = c["r"].get<int>();
+    cfg.alpha = c["alpha"].get<double>();
+    cfg.use_rslora = c.value("use_rslora", false);
+    cfg.fan_in_fan_out = fan;
+    std::optional<lora::Vec<Scalar>> bias;
+    if (st.contains("bias")) bias = st.vector<Scalar>("bias");
+    lora::LoraLinear<Scalar> layer(get(wname), bias, cfg);
+    layer.set_lora_A(get("lora_A"));
+    layer.set_lora_B(get("lora_B"));
+    report.comparisons.push_back({name, "scaling", std::abs(double(layer.scaling()) - c["scaling"].get<double>()),
+                                  std::is_same_v<Scalar, double> ? 1e-12 : 1e-6});
+
+    const lora::Mat<Scalar> x = get("x");
+    compare("y (eval forward)", layer.forward(x), "y");
+    compare("y (train forward)", layer.forward_train(x), "y");
+    compare("grad_x", layer.backward(get("dy")), "grad_x");
+    compare("grad_lora_A", layer.grad_A(), "grad_lora_A");
+    compare("grad_lora_B", layer.grad_B(), "grad_lora_B");
+    const std::string merged_name = fan ? "weight_in_out_merged" : "weight_merged";
+    layer.safe_merge();
+    compare(merged_name, layer.weight(), merged_name);
+    // The merged forward must give y_merged where recorded, and the unmerged y in any case.
+    compare("y (merged forward)", layer.forward(x), st.contains("y_merged") ? "y_merged" : "y");
+    layer.unmerge();
+    compare(fan ? "weight_in_out (unmerged)" : "weight_unmerged", layer.weight(), fan ? wname : "weight_unmerged");
+  }
+};
+
+inline Report check_file(const std::string& path) {
+  Report report;
+  lora::SafeTensors st = lora::SafeTensors::open(path);
+  auto meta = st.metadata().find("case");
+  if (meta == st.metadata().end()) {
+    report.kind = "?";
+    report.note = "no 'case' in the metadata";
+    return report;
+  }
+  const auto c = nlohmann::json::parse(meta->second);
+  report.kind = c.value("kind", "?");
+  if (report.kind == "linear" || report.kind == "linear_fan_in_fan_out") {
+    if (c.value("use_dora", false)) {
+      report.note = "DoRA (use_dora) is not supported yet";
+      return report;
+    }
+    report.supported = true;
+    Checker<double>{st, report}.linear(c);
+    Checker<float>{st, report}.linear(c);
+    return report;
+  }
+  report.note = "kind '" + report.kind + "' is not supported yet";
+  return report;
+}
+
+}  // namespace fixture

@@ -1,0 +1,424 @@
+#include <lora/linear.hpp>
+
+#include "fixture_cases.hpp"
+#include "test_util.hpp"
+
+#include <cstring>
+#include <thread>
+
+using lora::BiasMode;
+using lora::LoraConfig;
+using lora::LoraLinear;
+using MatD = lora::Mat<double>;
+using MatF = lora::Mat<float>;
+using VecD = lora::Vec<double>;
+
+namespace {
+
+template <class M>
+M random_mat(Eigen::Index r, Eigen::Index c, std::uint64_t seed, double scale = 1.0) {
+  lora::detail::Rng rng(seed);
+  M m(r, c);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<typename M::Scalar>(scale * rng.normal());
+  return m;
+}
+
+LoraConfig config(int r, double alpha, double p = 0, BiasMode bias = BiasMode::frozen) {
+  LoraConfig c;
+  c.r = r;
+  c.alpha = alpha;
+  c.dropout = p;
+  c.bias = bias;
+  c.seed = 42;
+  return c;
+}
+
+// A layer with non-zero A and B, so every gradient is exercised.
+template <class Scalar = double>
+LoraLinear<Scalar> make_layer(Eigen::Index in, Eigen::Index out, const LoraConfig& cfg, bool bias = true) {
+  using M = lora::Mat<Scalar>;
+  std::optional<lora::Vec<Scalar>> b;
+  if (bias) b = random_mat<M>(out, 1, 3).col(0);
+  LoraLinear<Scalar> layer(random_mat<M>(out, in, 1), b, cfg);
+  layer.set_lora_B(random_mat<M>(out, cfg.r, 2, 0.5));
+  return layer;
+}
+
+template <class Scalar>
+bool same_bytes(const lora::Mat<Scalar>& a, const lora::ConstMatMap<Scalar>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() && std::memcmp(a.data(), b.data(), sizeof(Scalar) * a.size()) == 0;
+}
+
+double max_abs(const MatD& m) { return m.cwiseAbs().maxCoeff(); }
+
+}  // namespace
+
+// ---- parity with PEFT -------------------------------------------------------------------------
+
+class LinearFixture : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(LinearFixture, MatchesPeft) {
+  fixture::Report r = fixture::check_file(data_path(std::string("peft/") + GetParam() + ".safetensors"));
+  ASSERT_TRUE(r.supported) << r.note;
+  EXPECT_EQ(r.comparisons.size(), 2u * 9u);
+  for (const auto& c : r.comparisons) EXPECT_TRUE(c.ok()) << c.scalar << " " << c.what << ": " << c.error;
+}
+
+INSTANTIATE_TEST_SUITE_P(Linear, LinearFixture,
+                         ::testing::Values("linear_basic", "linear_nobias_rslora", "linear_fan_in_fan_out"));
+
+TEST(Linear, DoraFixtureIsReportedUnsupported) {
+  fixture::Report r = fixture::check_file(data_path("peft/linear_dora.safetensors"));
+  EXPECT_FALSE(r.supported);
+  EXPECT_FALSE(r.ok());
+  EXPECT_NE(r.note.find("DoRA"), std::string::npos);
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+TEST(Linear, ForwardIsTheLoraFormula) {
+  auto cfg = config(3, 6.0);
+  cfg.use_rslora = true;
+  auto layer = make_layer(7, 5, cfg);
+  layer.set_lora_A(random_mat<MatD>(3, 7, 9));
+  MatD x = random_mat<MatD>(4, 7, 10);
+  const double s = 6.0 / std::sqrt(3.0);
+  EXPECT_DOUBLE_EQ(layer.scaling(), s);
+  MatD W = layer.weight();
+  MatD expect = (x * W.transpose()).rowwise() + layer.bias().transpose();
+  expect += s * x * layer.lora_A().transpose() * layer.lora_B().transpose();
+  EXPECT_LT(max_abs(layer.forward(x) - expect), 1e-12);
+  EXPECT_LT(max_abs(layer.delta_weight() - s * layer.lora_B() * layer.lora_A()), 1e-12);
+}
+
+TEST(Linear, FreshAdapterChangesNothing) {
+  for (lora::Init init : {lora::Init::kaiming, lora::Init::gaussian, lora::Init::zero_a}) {
+    SCOPED_TRACE(lora::init_name(init));
+    auto cfg = config(4, 8);
+    cfg.init = init;
+    MatD W = random_mat<MatD>(6, 9, 1);
+    VecD b = random_mat<MatD>(6, 1, 2).col(0);
+    LoraLinear<double> layer(W, b, cfg);
+    MatD x = random_mat<MatD>(3, 9, 3);
+    EXPECT_EQ(layer.forward(x), MatD((x * W.transpose()).rowwise() + b.transpose()));
+    EXPECT_TRUE(layer.delta_weight().isZero(0));
+    // One of the factors is random, the other zero.
+    EXPECT_NE(layer.lora_A().isZero(0), layer.lora_B().isZero(0));
+  }
+}
+
+TEST(Linear, ForwardIntoBufferReusesIt) {
+  auto layer = make_layer(16, 8, config(2, 4));
+  MatD x = random_mat<MatD>(5, 16, 4), y;
+  layer.forward(x, y);
+  const double* p = y.data();
+  layer.forward(x, y);
+  EXPECT_EQ(y.data(), p);
+  EXPECT_EQ(y, layer.forward(x));
+}
+
+TEST(Linear, EvalForwardIsConstAndThreadSafe) {
+  auto layer = make_layer<float>(64, 48, config(8, 16, 0.5));
+  const auto& cl = layer;
+  std::vector<MatF> xs, expect;
+  for (int t = 0; t < 4; ++t) {
+    xs.push_back(random_mat<MatF>(20 + t, 64, 100 + t));
+    expect.push_back(cl.forward(xs.back()));
+  }
+  std::vector<MatF> got(4);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int k = 0; k < 50; ++k) got[t] = cl.forward(xs[t]);
+    });
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < 4; ++t) EXPECT_EQ(got[t], expect[t]);
+}
+
+// ---- dropout ------------------------------------------------------------------------------------
+
+TEST(Linear, EvalUsesNoDropout) {
+  auto layer = make_layer(10, 6, config(3, 3, 0.5));
+  auto ref = make_layer(10, 6, config(3, 3, 0.0));
+  ref.set_lora_A(layer.lora_A());
+  MatD x = random_mat<MatD>(8, 10, 5);
+  EXPECT_EQ(layer.forward(x), ref.forward(x));
+  EXPECT_EQ(layer.forward(x), layer.forward(x));
+}
+
+TEST(Linear, SameSeedSameMaskAndTrainingDropsTheBranch) {
+  auto a = make_layer(32, 6, config(3, 3, 0.5));
+  auto b = make_layer(32, 6, config(3, 3, 0.5));
+  MatD x = random_mat<MatD>(8, 32, 5);
+  MatD ya = a.forward_train(x), yb = b.forward_train(x);
+  EXPECT_EQ(ya, yb);
+  MatD ya2 = a.forward_train(x);  // the next mask differs
+  EXPECT_GT(max_abs(ya2 - ya), 1e-6);
+  EXPECT_GT(max_abs(ya - a.forward(x)), 1e-6);  // training output is not the eval output
+  a.reseed(42);
+  EXPECT_EQ(a.forward_train(x), ya);  // reseed replays the first mask
+  auto c = make_layer(32, 6, [] { auto k = config(3, 3, 0.5); k.seed = 43; return k; }());
+  EXPECT_GT(max_abs(c.forward_train(x) - ya), 1e-6);
+}
+
+// ---- gradients ----------------------------------------------------------------------------------
+
+// L = Σ dy ⊙ forward_train(x), the mask fixed by reseeding before every evaluation. Central
+// differences for every parameter and for x, against backward().
+void check_finite_differences(LoraLinear<double>& layer, MatD x) {
+  const MatD dy = random_mat<MatD>(x.rows(), layer.out_features(), 77);
+  auto loss = [&](const MatD& xin) {
+    layer.reseed(7);
+    return (layer.forward_train(xin).array() * dy.array()).sum();
+  };
+  layer.zero_grad();
+  layer.reseed(7);
+  layer.forward_train(x);
+  const MatD dx = layer.backward(dy);
+  const double eps = 1e-6;
+  int checked = 0;
+  for (auto& p : layer.parameters()) {
+    for (Eigen::Index i = 0; i < p.value.size(); ++i) {
+      double& v = p.value.data()[i];
+      const double keep = v;
+      v = keep + eps;
+      double lp = loss(x);
+      v = keep - eps;
+      double lm = loss(x);
+      v = keep;
+      EXPECT_NEAR(p.grad.data()[i], (lp - lm) / (2 * eps), 1e-7) << p.name << " element " << i;
+      ++checked;
+    }
+  }
+  for (Eigen::Index i = 0; i < x.size(); ++i) {
+    MatD xp = x, xm = x;
+    xp.data()[i] += eps;
+    xm.data()[i] -= eps;
+    EXPECT_NEAR(dx.data()[i], (loss(xp) - loss(xm)) / (2 * eps), 1e-7) << "x element " << i;
+    ++checked;
+  }
+  EXPECT_GT(checked, 50);
+}
+
+TEST(Linear, GradientsMatchFiniteDifferencesWithDropout) {
+  auto layer = make_layer(9, 7, config(3, 5, 0.3, BiasMode::trainable));
+  ASSERT_EQ(layer.parameters().size(), 3u);
+  check_finite_differences(layer, random_mat<MatD>(6, 9, 11));
+}
+
+TEST(Linear, GradientsMatchFiniteDifferencesFanInFanOut) {
+  auto cfg = config(2, 3, 0.2);
+  cfg.fan_in_fan_out = true;
+  LoraLinear<double> layer(random_mat<MatD>(9, 5, 1), std::nullopt, cfg);  // stored (in, out)
+  EXPECT_EQ(layer.in_features(), 9);
+  EXPECT_EQ(layer.out_features(), 5);
+  layer.set_lora_B(random_mat<MatD>(5, 2, 2));
+  check_finite_differences(layer, random_mat<MatD>(4, 9, 12));
+}
+
+TEST(Linear, GradientsAccumulateUntilZeroGrad) {
+  auto layer = make_layer(8, 4, config(2, 2));
+  MatD x = random_mat<MatD>(3, 8, 1), dy = random_mat<MatD>(3, 4, 2);
+  layer.forward_train(x);
+  layer.backward(dy);
+  MatD gA = layer.grad_A(), gB = layer.grad_B();
+  layer.forward_train(x);
+  layer.backward(dy);
+  EXPECT_LT(max_abs(layer.grad_A() - 2 * gA), 1e-12);
+  EXPECT_LT(max_abs(layer.grad_B() - 2 * gB), 1e-12);
+  layer.zero_grad();
+  EXPECT_TRUE(layer.grad_A().isZero(0));
+  EXPECT_TRUE(layer.grad_B().isZero(0));
+}
+
+TEST(Linear, TrainingLeavesBaseBytesUnchanged) {
+  auto layer = make_layer<float>(32, 16, config(4, 8, 0.1));
+  const MatF W0 = layer.weight();
+  const auto b0 = layer.bias();
+  const MatF A0 = layer.lora_A();
+  const MatF target = random_mat<MatF>(16, 32, 5, 0.1);  // y* = x·(W + target)ᵀ + b
+  double first = 0, last = 0;
+  for (int step = 0; step < 100; ++step) {
+    MatF x = random_mat<MatF>(8, 32, 1000 + step);
+    MatF y = layer.forward_train(x);
+    MatF err = y - ((x * (W0 + target).transpose()).rowwise() + b0.transpose());
+    (step == 0 ? first : last) = err.squaredNorm();
+    layer.zero_grad();
+    layer.backward(2.0f / 8 * err);
+    for (auto& p : layer.parameters()) p.value -= 0.01f * p.grad;  // plain SGD by hand
+  }
+  EXPECT_TRUE(same_bytes(W0, layer.weight()));
+  EXPECT_EQ(std::memcmp(b0.data(), layer.bias().data(), sizeof(float) * b0.size()), 0);
+  EXPECT_NE(layer.lora_A(), A0);
+  EXPECT_LT(last, first);
+}
+
+TEST(Linear, ParameterCountsMatchTheLoraPaper) {
+  LoraConfig cfg = config(4, 8, 0, BiasMode::trainable);
+  LoraLinear<float> layer(MatF::Zero(1024, 1024), lora::Vec<float>::Zero(1024), cfg);
+  EXPECT_EQ(layer.trainable_parameters(), 9216);
+  EXPECT_EQ(layer.base_parameters(), 1049600);
+  EXPECT_EQ(layer.frozen_parameters(), 1048576);
+  Eigen::Index sum = 0;
+  for (auto& p : layer.parameters()) sum += p.value.size();
+  EXPECT_EQ(sum, 9216);
+  LoraLinear<float> frozen_bias(MatF::Zero(1024, 1024), lora::Vec<float>::Zero(1024), config(4, 8));
+  EXPECT_EQ(frozen_bias.trainable_parameters(), 8192);
+  EXPECT_EQ(frozen_bias.frozen_parameters(), 1049600);
+}
+
+// ---- merge --------------------------------------------------------------------------------------
+
+TEST(Linear, MergeGivesTheSameOutputAsOneGemm) {
+  auto layer = make_layer(12, 10, config(4, 8));
+  MatD x = random_mat<MatD>(5, 12, 3);
+  const MatD y = layer.forward(x);
+  const MatD W0 = layer.weight();
+  layer.merge();
+  EXPECT_TRUE(layer.is_merged());
+  EXPECT_LT(max_abs(MatD(layer.weight()) - (W0 + layer.delta_weight())), 1e-13);
+  EXPECT_LT(max_abs(layer.forward(x) - y), 1e-12);
+  layer.unmerge();
+  EXPECT_FALSE(layer.is_merged());
+  EXPECT_LT(max_abs(MatD(layer.weight()) - W0), 1e-13);
+}
+
+TEST(Linear, MergeTwiceAndUnmergeTwiceDoNotCorruptW) {
+  auto layer = make_layer(12, 10, config(4, 8));
+  const MatD W0 = layer.weight();
+  layer.unmerge();  // not merged: nothing to do
+  EXPECT_TRUE(same_bytes(W0, layer.weight()));
+  layer.merge();
+  const MatD W1 = layer.weight();
+  layer.merge();
+  layer.safe_merge();
+  EXPECT_TRUE(same_bytes(W1, layer.weight()));
+  layer.unmerge();
+  const MatD W2 = layer.weight();
+  layer.unmerge();
+  EXPECT_TRUE(same_bytes(W2, layer.weight()));
+  EXPECT_LT(max_abs(W2 - W0), 1e-13);
+}
+
+TEST(Linear, MergeUnmergeCyclesDriftIsBoundedAndExactModeHasNone) {
+  auto cfg = config(8, 16);
+  auto layer = make_layer<float>(256, 256, cfg);
+  layer.set_lora_A(random_mat<MatF>(8, 256, 9));
+  const MatF W0 = layer.weight();
+  const double scale = W0.cwiseAbs().maxCoeff() + layer.delta_weight().cwiseAbs().maxCoeff();
+  for (int i = 0; i < 1000; ++i) {
+    layer.merge();
+    layer.unmerge();
+  }
+  const double drift = (MatF(layer.weight()) - W0).cwiseAbs().maxCoeff();
+  std::printf("float drift after 1000 merge/unmerge cycles: %.3e (max |W| + max |dW| = %.3f)\n", drift, scale);
+  RecordProperty("float_drift_1000_cycles", std::to_string(drift));
+  EXPECT_GT(drift, 0.0);  // rounding really happens: this is what exact mode is for
+  // Each cycle rounds twice, by at most half an ulp of |W| + |ΔW|: a random walk far inside this.
+  EXPECT_LT(drift, 1000 * 2 * 0.5 * std::numeric_limits<float>::epsilon() * scale);
+
+  cfg.exact_unmerge = true;
+  auto exact = make_layer<float>(256, 256, cfg);
+  exact.set_lora_A(random_mat<MatF>(8, 256, 9));
+  for (int i = 0; i < 1000; ++i) {
+    exact.merge();
+    exact.unmerge();
+  }
+  EXPECT_TRUE(same_bytes(W0, exact.weight()));
+}
+
+TEST(Linear, SafeMergeRefusesNonFiniteAndChangesNothing) {
+  auto layer = make_layer(6, 4, config(2, 2));
+  MatD B = layer.lora_B();
+  B(1, 1) = std::numeric_limits<double>::infinity();
+  layer.set_lora_B(B);
+  const MatD W0 = layer.weight();
+  EXPECT_LORA_ERROR(layer.safe_merge(), "LoraLinear::safe_merge", "non-finite");
+  EXPECT_FALSE(layer.is_merged());
+  EXPECT_TRUE(same_bytes(W0, layer.weight()));
+}
+
+TEST(Linear, ReadOnlyBorrowIsCopiedOnMergeAndRestoredExactly) {
+  const MatD storage = random_mat<MatD>(10, 12, 1);
+  const MatD snapshot = storage;
+  lora::ConstMatMap<double> view(storage.data(), 10, 12);
+  LoraLinear<double> layer(view, std::nullopt, config(3, 6));
+  layer.set_lora_B(random_mat<MatD>(10, 3, 2));
+  EXPECT_TRUE(layer.is_borrowed());
+  EXPECT_EQ(layer.weight().data(), storage.data());
+  MatD x = random_mat<MatD>(4, 12, 3);
+  const MatD y = layer.forward(x);
+  layer.merge();
+  EXPECT_FALSE(layer.is_borrowed());
+  EXPECT_NE(layer.weight().data(), storage.data());
+  EXPECT_LT(max_abs(layer.forward(x) - y), 1e-12);
+  EXPECT_TRUE(same_bytes(snapshot, lora::ConstMatMap<double>(storage.data(), 10, 12)));
+  layer.unmerge();
+  EXPECT_TRUE(layer.is_borrowed());
+  EXPECT_EQ(layer.weight().data(), storage.data());
+}
+
+TEST(Linear, WritableBorrowIsMergedInPlace) {
+  MatD storage = random_mat<MatD>(10, 12, 1);
+  const MatD W0 = storage;
+  auto cfg = config(3, 6);
+  cfg.exact_unmerge = true;
+  LoraLinear<double> layer(lora::MatMap<double>(storage.data(), 10, 12), std::nullopt, cfg);
+  layer.set_lora_B(random_mat<MatD>(10, 3, 2));
+  layer.merge();
+  EXPECT_EQ(layer.weight().data(), storage.data());
+  EXPECT_LT(max_abs(storage - (W0 + layer.delta_weight())), 1e-13);
+  layer.unmerge();
+  EXPECT_EQ(storage, W0);
+}
+
+TEST(Linear, TrainingOrChangingFactorsWhileMergedIsAnError) {
+  auto layer = make_layer(6, 4, config(2, 2));
+  layer.merge();
+  const MatD W1 = layer.weight();
+  EXPECT_LORA_ERROR(layer.forward_train(MatD::Zero(2, 6)), "LoraLinear::forward_train", "merged", "unmerge");
+  EXPECT_LORA_ERROR(layer.set_lora_A(MatD::Zero(2, 6)), "set_lora_A", "merged");
+  EXPECT_TRUE(same_bytes(W1, layer.weight()));
+}
+
+// ---- bad input ----------------------------------------------------------------------------------
+
+TEST(Linear, InvalidConfigThrows) {
+  MatD W = MatD::Zero(4, 6);
+  auto make = [&](LoraConfig c, std::optional<VecD> b = std::nullopt) { LoraLinear<double> l(W, b, c); };
+  EXPECT_LORA_ERROR(make(config(0, 8)), "r is 0", "r >= 1");
+  EXPECT_LORA_ERROR(make(config(-3, 8)), "r is -3");
+  EXPECT_LORA_ERROR(make(config(2, 0)), "alpha is 0");
+  EXPECT_LORA_ERROR(make(config(2, -1)), "alpha is -1");
+  EXPECT_LORA_ERROR(make(config(2, std::nan(""))), "alpha is nan");
+  EXPECT_LORA_ERROR(make(config(2, INFINITY)), "alpha is inf");
+  EXPECT_LORA_ERROR(make(config(2, 2, 1.0)), "dropout is 1", "0 <= p < 1");
+  EXPECT_LORA_ERROR(make(config(2, 2, -0.1)), "dropout is -0.1");
+  EXPECT_LORA_ERROR(make(config(2, 2, std::nan(""))), "dropout is nan");
+  EXPECT_LORA_ERROR(make(config(2, 2), VecD::Zero(6)), "bias is (6), expected (4)");
+  EXPECT_LORA_ERROR(make(config(2, 2, 0, BiasMode::trainable)), "trainable", "no bias");
+  EXPECT_LORA_ERROR((LoraLinear<double>(MatD(0, 3), std::nullopt, config(2, 2))), "weight is (0, 3)");
+}
+
+TEST(Linear, InvalidInputsThrowAndChangeNothing) {
+  auto layer = make_layer(16, 8, config(2, 4));
+  EXPECT_LORA_ERROR(layer.backward(MatD::Zero(5, 8)), "LoraLinear::backward", "forward_train first");
+  EXPECT_LORA_ERROR(layer.forward(MatD::Zero(5, 17)), "LoraLinear::forward: X is (5, 17), expected (n, 16)");
+  MatD x = random_mat<MatD>(5, 16, 1), dy = random_mat<MatD>(5, 8, 2);
+  auto ref = layer;
+  const MatD y = layer.forward_train(x);
+  // A failed forward_train keeps the cache of the good one; a failed backward keeps it too.
+  EXPECT_LORA_ERROR(layer.forward_train(MatD::Zero(5, 17)), "LoraLinear::forward_train: X is (5, 17), expected (n, 16)");
+  EXPECT_LORA_ERROR(layer.backward(MatD::Zero(4, 8)), "LoraLinear::backward: dY is (4, 8), expected (5, 8)");
+  EXPECT_LORA_ERROR(layer.backward(MatD::Zero(5, 9)), "dY is (5, 9), expected (5, 8)");
+  EXPECT_TRUE(layer.grad_A().isZero(0));
+  const MatD dx = layer.backward(dy);
+  ref.forward_train(x);
+  EXPECT_EQ(dx, ref.backward(dy));
+  EXPECT_EQ(layer.grad_A(), ref.grad_A());
+  EXPECT_LORA_ERROR(layer.backward(dy), "forward_train first");  // the cache was consumed
+  const MatD A = layer.lora_A();
+  EXPECT_LORA_ERROR(layer.set_lora_A(MatD::Zero(3, 16)), "set_lora_A: A is (3, 16), expected (2, 16)");
+  EXPECT_LORA_ERROR(layer.set_lora_B(MatD::Zero(8, 3)), "set_lora_B: B is (8, 3), expected (8, 2)");
+  EXPECT_EQ(layer.lora_A(), A);
+}
