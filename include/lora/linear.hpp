@@ -138,6 +138,13 @@ class LoraLinear {
   //   dB += s·dyᵀ·t      g = s·dy·B (n, r)      dA += gᵀ·xd      db += Σ_rows dy (trainable bias)
   //   dx  = dy·W + mask ⊙ (g·A)
   Mat forward_train(const MatRef& x) {
+    Mat y;
+    forward_train(x, y);
+    return y;
+  }
+
+  // Writes into y (not aliasing x), resized only when its shape differs.
+  void forward_train(const MatRef& x, Mat& y) {
     check_input("forward_train", x);
     if (merged_) detail::fail("LoraLinear::forward_train: the layer is merged; call unmerge() before training");
     Cache& c = cache_;
@@ -148,15 +155,21 @@ class LoraLinear {
       c.xd = x;
     }
     c.t.noalias() = c.xd * A_.transpose();
-    Mat y(x.rows(), out_);
+    y.resize(x.rows(), out_);
     init_with_bias(y);
     add_base(x, y);
     y.noalias() += s_ * c.t * B_.transpose();
     c.valid = true;
-    return y;
   }
 
   Mat backward(const MatRef& dy) {
+    Mat dx;
+    backward(dy, dx);
+    return dx;
+  }
+
+  // Writes into dx (not aliasing dy), resized only when its shape differs.
+  void backward(const MatRef& dy, Mat& dx) {
     Cache& c = cache_;
     if (!c.valid) detail::fail("LoraLinear::backward: no forward_train to go back through (call forward_train first)");
     if (dy.rows() != c.xd.rows() || dy.cols() != out_)
@@ -166,7 +179,7 @@ class LoraLinear {
     c.g.noalias() = s_ * dy * B_;
     grad_A_.noalias() += c.g.transpose() * c.xd;
     if (config_.bias == BiasMode::trainable) grad_bias_ += dy.colwise().sum().transpose();
-    Mat dx(dy.rows(), in_);
+    dx.resize(dy.rows(), in_);
     if (config_.fan_in_fan_out)
       dx.noalias() = dy * weight().transpose();
     else
@@ -178,7 +191,6 @@ class LoraLinear {
       dx.noalias() += c.g * A_;
     }
     c.valid = false;
-    return dx;
   }
 
   // Restarts the sequence of dropout masks: the next forward_train after reseed(k) draws the

@@ -1,0 +1,205 @@
+// Merged vs unmerged LoRA inference, training steps and merging, for float, against a plain
+// Eigen GEMM of the same shape (the ceiling). Ends with a table of ratios measured in this run.
+//
+//   bench_linear [--threads=N] [google benchmark flags]
+//
+// Each benchmark is repeated (5 times unless --benchmark_repetitions is given), in random
+// interleaved order, and the ratios use each one's fastest repetition.
+#include <lora/linear.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Mat = lora::Mat<float>;
+using Vec = lora::Vec<float>;
+
+Mat random(Eigen::Index r, Eigen::Index c, std::uint64_t seed) {
+  lora::detail::Rng rng(seed);
+  Mat m(r, c);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(rng.normal());
+  return m;
+}
+
+lora::LoraLinear<float> make_layer(Eigen::Index d, int r) {
+  lora::LoraConfig cfg;
+  cfg.r = r;
+  cfg.alpha = 2.0 * r;
+  lora::LoraLinear<float> layer(random(d, d, 1) * (1.0f / std::sqrt(float(d))), Vec(random(d, 1, 2).col(0)), cfg);
+  layer.set_lora_B(random(d, r, 3) * 0.01f);
+  return layer;
+}
+
+void set_flops(benchmark::State& state, double flops) {
+  state.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_LinearMerged(benchmark::State& state) {
+  const auto n = state.range(0), d = state.range(1);
+  auto layer = make_layer(d, int(state.range(2)));
+  layer.merge();
+  Mat x = random(n, d, 4), y;
+  for (auto _ : state) {
+    layer.forward(x, y);
+    benchmark::DoNotOptimize(y.data());
+  }
+  set_flops(state, 2.0 * n * d * d);
+}
+
+void BM_LinearUnmerged(benchmark::State& state) {
+  const auto n = state.range(0), d = state.range(1), r = state.range(2);
+  auto layer = make_layer(d, int(r));
+  Mat x = random(n, d, 4), y;
+  for (auto _ : state) {
+    layer.forward(x, y);
+    benchmark::DoNotOptimize(y.data());
+  }
+  set_flops(state, 2.0 * n * d * d + 4.0 * n * d * r);
+}
+
+// The forward of a LoRA layer that forms W + s·B·A on every call.
+void BM_LinearNaiveBA(benchmark::State& state) {
+  const auto n = state.range(0), d = state.range(1), r = state.range(2);
+  auto layer = make_layer(d, int(r));
+  const Mat W = layer.weight();
+  Mat x = random(n, d, 4), y, Weff;
+  for (auto _ : state) {
+    Weff = W + layer.scaling() * layer.lora_B() * layer.lora_A();
+    y.noalias() = x * Weff.transpose();
+    y.rowwise() += layer.bias().transpose();
+    benchmark::DoNotOptimize(y.data());
+  }
+  set_flops(state, 2.0 * n * d * d + 2.0 * d * d * r);
+}
+
+void BM_LinearTrainStep(benchmark::State& state) {
+  const auto n = state.range(0), d = state.range(1), r = state.range(2);
+  auto layer = make_layer(d, int(r));
+  Mat x = random(n, d, 4), dy = random(n, d, 5), y, dx;
+  for (auto _ : state) {
+    layer.forward_train(x, y);
+    layer.backward(dy, dx);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  }
+  set_flops(state, 4.0 * n * d * d + 12.0 * n * d * r);
+}
+
+void BM_LinearMerge(benchmark::State& state) {
+  const auto d = state.range(0), r = state.range(1);
+  auto layer = make_layer(d, int(r));
+  for (auto _ : state) {
+    layer.merge();
+    layer.unmerge();
+  }
+  set_flops(state, 4.0 * d * d * r);
+}
+
+void BM_Gemm(benchmark::State& state) {
+  const auto n = state.range(0), d = state.range(1);
+  Mat x = random(n, d, 4), W = random(d, d, 1), y(n, d);
+  for (auto _ : state) {
+    y.noalias() = x * W.transpose();
+    benchmark::DoNotOptimize(y.data());
+  }
+  set_flops(state, 2.0 * n * d * d);
+}
+
+const std::vector<std::vector<std::int64_t>> kShapes = {
+    {1, 1024, 8}, {64, 1024, 8}, {512, 1024, 8}, {512, 4096, 16}, {512, 1024, 64}};
+
+void register_all() {
+  for (auto* fn : {&BM_LinearMerged, &BM_LinearUnmerged, &BM_LinearNaiveBA, &BM_LinearTrainStep}) {
+    const char* name = fn == &BM_LinearMerged     ? "BM_LinearMerged"
+                       : fn == &BM_LinearUnmerged ? "BM_LinearUnmerged"
+                       : fn == &BM_LinearNaiveBA  ? "BM_LinearNaiveBA"
+                                                  : "BM_LinearTrainStep";
+    auto* b = benchmark::RegisterBenchmark(name, fn)->ArgNames({"n", "d", "r"})->UseRealTime()->Unit(benchmark::kMicrosecond);
+    for (const auto& s : kShapes) b->Args(s);
+  }
+  auto* m = benchmark::RegisterBenchmark("BM_LinearMerge", &BM_LinearMerge)->ArgNames({"d", "r"})->UseRealTime()->Unit(benchmark::kMicrosecond);
+  auto* g = benchmark::RegisterBenchmark("BM_Gemm", &BM_Gemm)->ArgNames({"n", "d"})->UseRealTime()->Unit(benchmark::kMicrosecond);
+  for (const auto& s : kShapes) {
+    m->Args({s[1], s[2]});
+    g->Args({s[0], s[1]});
+  }
+}
+
+// Keeps each benchmark's fastest repetition (seconds per iteration), keyed by its name.
+class RatioReporter : public benchmark::ConsoleReporter {
+ public:
+  std::map<std::string, double> best;
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const auto& run : runs) {
+      if (run.run_type != Run::RT_Iteration || run.error_occurred) continue;
+      const double t = run.real_accumulated_time / static_cast<double>(run.iterations);
+      std::string name = run.run_name.str();  // "BM_X/n:512/d:1024/r:8/real_time"
+      if (auto cut = name.rfind("/real_time"); cut != std::string::npos) name.erase(cut);
+      auto it = best.find(name);
+      if (it == best.end() || t < it->second) best[name] = t;
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+};
+
+void print_ratios(const std::map<std::string, double>& t, int threads) {
+  std::printf("\nRatios (fastest of the repetitions, %d thread%s, float):\n", threads, threads == 1 ? "" : "s");
+  std::printf("%-16s %12s %12s %12s %14s %16s\n", "n/d/r", "unmerged/", "naive BA/", "train step/", "merged GFLOP/s", "unmerged target");
+  std::printf("%-16s %12s %12s %12s %14s %16s\n", "", "merged", "merged", "merged", "/ GEMM GFLOP/s", "(n=512)");
+  for (const auto& s : kShapes) {
+    const std::string nd = "n:" + std::to_string(s[0]) + "/d:" + std::to_string(s[1]);
+    const std::string ndr = nd + "/r:" + std::to_string(s[2]);
+    auto get = [&](const std::string& key) {
+      auto it = t.find(key);
+      return it == t.end() ? NAN : it->second;
+    };
+    const double merged = get("BM_LinearMerged/" + ndr);
+    const double d = double(s[1]), r = double(s[2]);
+    const double target = std::max(1.05, 1.03 * (1 + r * 2 * d / (d * d)));
+    char label[32], tgt[32];
+    std::snprintf(label, sizeof label, "%lld/%lld/%lld", (long long)s[0], (long long)s[1], (long long)s[2]);
+    std::snprintf(tgt, sizeof tgt, s[0] == 512 ? "<= %.3f" : "-", target);
+    std::printf("%-16s %12.3f %12.3f %12.3f %14.3f %16s\n", label, get("BM_LinearUnmerged/" + ndr) / merged,
+                get("BM_LinearNaiveBA/" + ndr) / merged, get("BM_LinearTrainStep/" + ndr) / merged,
+                get("BM_Gemm/" + nd) / merged, tgt);
+  }
+  std::printf("Targets at n=512: unmerged/merged as above, train step/merged <= 2.3, merged/GEMM >= 0.9.\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 1;
+  bool reps_given = false;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--threads=", 10) == 0) {
+      threads = std::atoi(argv[i] + 10);
+      continue;
+    }
+    if (std::strncmp(argv[i], "--benchmark_repetitions", 23) == 0) reps_given = true;
+    args.push_back(argv[i]);
+  }
+  std::string reps = "--benchmark_repetitions=5", interleave = "--benchmark_enable_random_interleaving=true";
+  if (!reps_given) {
+    args.push_back(reps.data());
+    args.push_back(interleave.data());
+  }
+  int n = static_cast<int>(args.size());
+  lora::set_num_threads(threads);
+  std::printf("bench_linear: %d thread%s (Eigen reports %d)\n", threads, threads == 1 ? "" : "s", lora::num_threads());
+  register_all();
+  benchmark::Initialize(&n, args.data());
+  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  RatioReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  print_ratios(reporter.best, threads);
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,9 @@
+// One include for everything: #include <lora/lora.hpp> and link lora::lora.
+#pragma once
+
+#include <lora/dropout.hpp>
+#include <lora/error.hpp>
+#include <lora/init.hpp>
+#include <lora/linear.hpp>
+#include <lora/safetensors.hpp>
+#include <lora/types.hpp>
