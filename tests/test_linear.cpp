@@ -358,6 +358,21 @@ TEST(Linear, ReadOnlyBorrowIsCopiedOnMergeAndRestoredExactly) {
   EXPECT_EQ(layer.weight().data(), storage.data());
 }
 
+TEST(Linear, BorrowsAMappedSafetensorsTensor) {
+  const auto st = lora::SafeTensors::open(data_path("peft/linear_basic.safetensors"));
+  auto c = nlohmann::json::parse(st.metadata().at("case"));
+  LoraLinear<double> layer(st.map<double>("weight"), st.vector<double>("bias"), config(c["r"].get<int>(), c["alpha"].get<double>()));
+  EXPECT_EQ(static_cast<const void*>(layer.weight().data()), static_cast<const void*>(st.bytes("weight")));
+  layer.set_lora_A(st.matrix<double>("lora_A"));
+  layer.set_lora_B(st.matrix<double>("lora_B"));
+  const MatD x = st.matrix<double>("x");
+  EXPECT_LT(max_abs(layer.forward(x) - st.matrix<double>("y")), 1e-12);
+  layer.merge();  // the mapping is read-only: merge works on a private copy
+  EXPECT_LT(max_abs(MatD(layer.weight()) - st.matrix<double>("weight_merged")), 1e-12);
+  layer.unmerge();
+  EXPECT_EQ(static_cast<const void*>(layer.weight().data()), static_cast<const void*>(st.bytes("weight")));
+}
+
 TEST(Linear, WritableBorrowIsMergedInPlace) {
   MatD storage = random_mat<MatD>(10, 12, 1);
   const MatD W0 = storage;
@@ -421,4 +436,19 @@ TEST(Linear, InvalidInputsThrowAndChangeNothing) {
   EXPECT_LORA_ERROR(layer.set_lora_A(MatD::Zero(3, 16)), "set_lora_A: A is (3, 16), expected (2, 16)");
   EXPECT_LORA_ERROR(layer.set_lora_B(MatD::Zero(8, 3)), "set_lora_B: B is (8, 3), expected (8, 2)");
   EXPECT_EQ(layer.lora_A(), A);
+}
+
+TEST(Linear, OutputBufferMustNotAliasTheInput) {
+  auto layer = make_layer(8, 8, config(2, 4));
+  MatD x = random_mat<MatD>(3, 8, 1);
+  const MatD x0 = x;
+  EXPECT_LORA_ERROR(layer.forward(x, x), "LoraLinear::forward", "Y shares memory with the input X");
+  EXPECT_LORA_ERROR(layer.forward_train(x, x), "forward_train", "shares memory");
+  EXPECT_EQ(x, x0);
+  MatD y;
+  layer.forward_train(x, y);
+  EXPECT_LORA_ERROR(layer.backward(y, y), "LoraLinear::backward", "dX shares memory with the input dY");
+  MatD dx;
+  layer.backward(y, dx);  // the cache survived the refused call
+  EXPECT_EQ(dx.rows(), 3);
 }

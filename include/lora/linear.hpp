@@ -120,6 +120,7 @@ class LoraLinear {
   // Writes into y, resized only when its shape differs: a reused y allocates nothing.
   void forward(const MatRef& x, Mat& y) const {
     check_input("forward", x);
+    check_no_alias("forward", "Y", y, "X", x);
     y.resize(x.rows(), out_);
     init_with_bias(y);
     add_base(x, y);
@@ -146,6 +147,7 @@ class LoraLinear {
   // Writes into y (not aliasing x), resized only when its shape differs.
   void forward_train(const MatRef& x, Mat& y) {
     check_input("forward_train", x);
+    check_no_alias("forward_train", "Y", y, "X", x);
     if (merged_) detail::fail("LoraLinear::forward_train: the layer is merged; call unmerge() before training");
     Cache& c = cache_;
     if (config_.dropout > 0) {
@@ -175,6 +177,7 @@ class LoraLinear {
     if (dy.rows() != c.xd.rows() || dy.cols() != out_)
       detail::fail("LoraLinear::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected ",
                    detail::shape(c.xd.rows(), out_));
+    check_no_alias("backward", "dX", dx, "dY", dy);
     grad_B_.noalias() += s_ * dy.transpose() * c.t;
     c.g.noalias() = s_ * dy * B_;
     grad_A_.noalias() += c.g.transpose() * c.xd;
@@ -332,6 +335,14 @@ class LoraLinear {
   void check_input(const char* fn, const MatRef& x) const {
     if (x.cols() != in_)
       detail::fail("LoraLinear::", fn, ": X is ", detail::shape(x.rows(), x.cols()), ", expected (n, ", in_, ")");
+  }
+
+  // An output buffer that overlaps the input would be overwritten while it is read.
+  static void check_no_alias(const char* fn, const char* out_name, const Mat& out, const char* in_name, const MatRef& in) {
+    const Scalar* in_end = in.data() + (in.rows() - 1) * in.outerStride() + in.cols();
+    if (out.size() > 0 && in.size() > 0 && out.data() < in_end && in.data() < out.data() + out.size())
+      detail::fail("LoraLinear::", fn, ": the output ", out_name, " shares memory with the input ", in_name,
+                   "; pass a separate buffer");
   }
 
   // y <- b broadcast (or 0). Eigen's GEMM accumulates, so this costs what setZero would.
