@@ -42,7 +42,8 @@
 
 namespace lora {
 
-// Every byte-sized dtype of the format. Conversions exist for F64/F32/F16/BF16 (to float or
+// Every byte-sized dtype of the format, declared in the reference implementation's order
+// (increasing alignment), which the writer's tensor order follows. Conversions exist for F64/F32/F16/BF16 (to float or
 // double) and for the integer types (to int64); the others can be listed and read as bytes.
 enum class Dtype { BOOL, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64, C64 };
 
@@ -450,9 +451,10 @@ class SafeTensors {
   std::map<std::string, std::string> metadata_;
 };
 
-// Collects tensors, then writes a deterministic safetensors file: tensors ordered by dtype size
-// (largest first, so each offset is a multiple of its dtype's size) then by name, header padded
-// with spaces to a multiple of 8 bytes, "__metadata__" first.
+// Collects tensors, then writes a deterministic safetensors file laid out as the reference
+// implementation lays it out (byte-identical for the same tensors): tensors ordered by dtype,
+// most aligned first (so each offset is a multiple of its dtype's size), then by name; compact
+// JSON with "__metadata__" first; header padded with spaces to a multiple of 8 bytes.
 class SafeTensorsBuilder {
  public:
   // Adds m as dtype, in row-major order. shape defaults to {rows, cols}; any shape with the same
@@ -514,8 +516,7 @@ class SafeTensorsBuilder {
     std::vector<const Entry*> order;
     for (const auto& t : tensors_) order.push_back(&t);
     std::sort(order.begin(), order.end(), [](const Entry* a, const Entry* b) {
-      auto sa = dtype_size(a->dtype), sb = dtype_size(b->dtype);
-      return sa != sb ? sa > sb : a->name < b->name;
+      return a->dtype != b->dtype ? a->dtype > b->dtype : a->name < b->name;
     });
     nlohmann::ordered_json header = nlohmann::ordered_json::object();
     if (!metadata_.empty()) header["__metadata__"] = metadata_;
