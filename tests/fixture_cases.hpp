@@ -6,6 +6,7 @@
 // Tolerances: double <= 1e-10 absolute; float <= 1e-5 relative to the largest |expected|.
 #pragma once
 
+#include <lora/attention.hpp>
 #include <lora/linear.hpp>
 #include <lora/safetensors.hpp>
 
@@ -95,6 +96,57 @@ struct Checker {
     layer.unmerge();
     compare(fan ? "weight_in_out (unmerged)" : "weight_unmerged", layer.weight(), fan ? wname : "weight_unmerged");
   }
+
+  // kind "attention": self or cross, causal and/or key padding, LoRA on any of q, k, v, o
+  void attention(const nlohmann::json& c) const {
+    lora::AttentionWeights<Scalar> w;
+    w.q_proj = get("q_proj.weight");
+    w.k_proj = get("k_proj.weight");
+    w.v_proj = get("v_proj.weight");
+    w.o_proj = get("o_proj.weight");
+    w.q_bias = st.vector<Scalar>("q_proj.bias");
+    w.k_bias = st.vector<Scalar>("k_proj.bias");
+    w.v_bias = st.vector<Scalar>("v_proj.bias");
+    w.o_bias = st.vector<Scalar>("o_proj.bias");
+    lora::AttentionConfig cfg;
+    cfg.heads = c["heads"].get<int>();
+    cfg.lora.r = c["r"].get<int>();
+    cfg.lora.alpha = c["alpha"].get<double>();
+    cfg.target_modules = c["targets"].get<std::vector<std::string>>();
+    lora::LoraAttention<Scalar> att(std::move(w), cfg);
+    for (const auto& t : cfg.target_modules) {
+      auto* l = att.lora(static_cast<typename lora::LoraAttention<Scalar>::Proj>(proj_index(t)));
+      l->set_lora_A(get(t + ".lora_A"));
+      l->set_lora_B(get(t + ".lora_B"));
+    }
+    const lora::Index batch = c["batch"].get<lora::Index>();
+    lora::AttentionMask<Scalar> mask;
+    mask.causal = c.value("causal", false);
+    if (c.value("key_padding_mask", false)) mask.key_padding = st.integers("key_padding_mask").template cast<std::uint8_t>();
+    const bool cross = c.value("cross", false);
+    const lora::Mat<Scalar> x = get("x");
+    const lora::Mat<Scalar> ctx = cross ? get("context") : x;
+
+    compare("y (eval forward)", att.forward(x, ctx, ctx, batch, mask), "y");
+    compare("y (train forward)", att.forward_train(x, ctx, ctx, batch, mask), "y");
+    const auto g = att.backward(get("dy"));
+    compare("grad_x", cross ? g.d_query : g.self(), "grad_x");
+    if (cross) compare("grad_context", g.context(), "grad_context");
+    for (const auto& t : cfg.target_modules) {
+      const auto* l = att.lora(static_cast<typename lora::LoraAttention<Scalar>::Proj>(proj_index(t)));
+      compare(t + ".grad_lora_A", l->grad_A(), t + ".grad_lora_A");
+      compare(t + ".grad_lora_B", l->grad_B(), t + ".grad_lora_B");
+    }
+    att.safe_merge();
+    compare("y (merged forward)", att.forward(x, ctx, ctx, batch, mask), "y_merged");
+    att.unmerge();
+  }
+
+  static int proj_index(const std::string& t) {
+    for (int p = 0; p < 4; ++p)
+      if (t == lora::LoraAttention<Scalar>::kNames[p]) return p;
+    throw lora::Error("unknown target " + t);
+  }
 };
 
 inline Report check_file(const std::string& path) {
@@ -116,6 +168,12 @@ inline Report check_file(const std::string& path) {
     report.supported = true;
     Checker<double>{st, report}.linear(c);
     Checker<float>{st, report}.linear(c);
+    return report;
+  }
+  if (report.kind == "attention") {
+    report.supported = true;
+    Checker<double>{st, report}.attention(c);
+    Checker<float>{st, report}.attention(c);
     return report;
   }
   report.note = "kind '" + report.kind + "' is not supported yet";

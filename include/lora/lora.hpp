@@ -1,6 +1,7 @@
 // One include for everything: #include <lora/lora.hpp> and link lora::lora.
 #pragma once
 
+#include <lora/attention.hpp>
 #include <lora/dropout.hpp>
 #include <lora/error.hpp>
 #include <lora/init.hpp>

@@ -1,0 +1,351 @@
+// LoraAttention<Scalar>: PyTorch-style multi-head attention whose projections q_proj, k_proj,
+// v_proj, o_proj are frozen linear layers (with bias), LoRA on any subset (PEFT's
+// target_modules; the LoRA paper's default is q and v).
+//
+//   query (batch·T, d), key and value (batch·S, d), d = heads·dh; rows of one sequence are
+//   contiguous (row b·T + t is token t of sequence b).
+//   Q = q_proj(query)   K = k_proj(key)   V = v_proj(value)
+//   per sequence b and head h (columns h·dh .. h·dh+dh−1):
+//     Z = Q_bh·K_bhᵀ/√dh + mask (T, S)     P = softmax(Z) by rows     O_bh = P·V_bh (T, dh)
+//   y = o_proj(O)                                                      -> (batch·T, d)
+//
+// Masks (AttentionMask): causal (key j is hidden from query i when j > i, as
+// torch.ones(T, S).triu(1)), key padding per sequence ((batch, S), nonzero = ignore that key),
+// and an additive (T, S) mask added to every head's scores (−inf hides a key). A query whose
+// keys are all hidden has no distribution to attend with: its P row is defined as zero, so its
+// attention output is zero (then o_proj's bias) and no gradient flows through it. (PyTorch
+// gives NaN there.)
+//
+// Training keeps Q, K, V (3 × (batch·T or batch·S, d)) and P (batch·heads·T, S); each LoRA
+// projection also keeps its own input (see LoraLinear). backward consumes them and returns
+// dQuery, dKey, dValue; the self-attention form sums all three, the cross form sums dKey and
+// dValue into dContext.
+#pragma once
+
+#include <lora/error.hpp>
+#include <lora/linear.hpp>
+#include <lora/types.hpp>
+
+#include <array>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace lora {
+
+template <class Scalar>
+struct AttentionMask {
+  bool causal = false;
+  Mat<std::uint8_t> key_padding;  // (batch, S), nonzero = padded key, ignored; empty = none
+  Mat<Scalar> additive;           // (T, S), added to the scores of every head; empty = none
+};
+
+// Frozen weights (d, d) and biases (d) of the four projections, PyTorch layout.
+template <class Scalar>
+struct AttentionWeights {
+  Mat<Scalar> q_proj, k_proj, v_proj, o_proj;
+  Vec<Scalar> q_bias, k_bias, v_bias, o_bias;  // size 0: no bias
+};
+
+struct AttentionConfig {
+  int heads = 1;
+  LoraConfig lora;  // r, alpha, dropout, ... for every targeted projection
+  std::vector<std::string> target_modules = {"q_proj", "v_proj"};
+};
+
+template <class Scalar>
+struct AttentionGrads {
+  Mat<Scalar> d_query, d_key, d_value;
+  Mat<Scalar> self() const { return d_query + d_key + d_value; }  // dX of forward(x, ...)
+  Mat<Scalar> context() const { return d_key + d_value; }         // dContext of the cross form
+};
+
+template <class Scalar>
+class LoraAttention {
+ public:
+  using Mat = lora::Mat<Scalar>;
+  using Vec = lora::Vec<Scalar>;
+  using MatRef = lora::MatRef<Scalar>;
+  using Mask = AttentionMask<Scalar>;
+  enum Proj { q = 0, k = 1, v = 2, o = 3 };
+  static constexpr const char* kNames[4] = {"q_proj", "k_proj", "v_proj", "o_proj"};
+
+  LoraAttention(AttentionWeights<Scalar> w, const AttentionConfig& config) : config_(config) {
+    const Index d = w.q_proj.rows();
+    if (config.heads < 1) detail::fail("LoraAttention: heads is ", config.heads, ", expected >= 1");
+    if (d < 1 || d % config.heads != 0)
+      detail::fail("LoraAttention: d_model ", d, " is not divisible by heads ", config.heads);
+    for (const auto& t : config.target_modules) {
+      bool known = false;
+      for (const char* n : kNames) known |= t == n;
+      if (!known) detail::fail("LoraAttention: unknown target module '", t, "' (expected q_proj, k_proj, v_proj or o_proj)");
+    }
+    Mat* ws[4] = {&w.q_proj, &w.k_proj, &w.v_proj, &w.o_proj};
+    Vec* bs[4] = {&w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias};
+    for (int p = 0; p < 4; ++p) {
+      if (ws[p]->rows() != d || ws[p]->cols() != d)
+        detail::fail("LoraAttention: ", kNames[p], " weight is ", detail::shape(ws[p]->rows(), ws[p]->cols()),
+                     ", expected ", detail::shape(d, d));
+      if (bs[p]->size() != 0 && bs[p]->size() != d)
+        detail::fail("LoraAttention: ", kNames[p], " bias is (", bs[p]->size(), "), expected (", d, ")");
+    }
+    for (int p = 0; p < 4; ++p) {
+      std::optional<Vec> bias;
+      if (bs[p]->size()) bias = std::move(*bs[p]);
+      if (targeted(p)) {
+        LoraConfig lc = config.lora;
+        lc.seed = config.lora.seed + static_cast<std::uint64_t>(p);  // distinct inits per projection
+        proj_[p].lora = std::make_unique<LoraLinear<Scalar>>(std::move(*ws[p]), std::move(bias), lc);
+      } else {
+        proj_[p].weight = std::move(*ws[p]);
+        if (bias) proj_[p].bias = std::move(*bias);
+      }
+    }
+    d_ = d;
+    dh_ = d / config.heads;
+  }
+
+  Index d_model() const { return d_; }
+  int heads() const { return config_.heads; }
+  const AttentionConfig& config() const { return config_; }
+  bool targeted(int p) const {
+    for (const auto& t : config_.target_modules)
+      if (t == kNames[p]) return true;
+    return false;
+  }
+  // The LoRA layer of projection p, or nullptr when p is not targeted.
+  LoraLinear<Scalar>* lora(Proj p) { return proj_[p].lora.get(); }
+  const LoraLinear<Scalar>* lora(Proj p) const { return proj_[p].lora.get(); }
+
+  // ---- evaluation (const, thread-safe) ---------------------------------------------------
+  Mat forward(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask = {}) const {
+    Shapes s = check("forward", query, key, value, batch, mask);
+    Mat Q, K, V, O, P(s.T, s.S), y;
+    project(q, query, Q);
+    project(k, key, K);
+    project(v, value, V);
+    O.resize(query.rows(), d_);
+    for (Index b = 0; b < batch; ++b)
+      for (int h = 0; h < config_.heads; ++h) {
+        attend_probs(Q, K, b, h, s, mask, P);
+        O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * V.block(b * s.S, h * dh_, s.S, dh_);
+      }
+    project(o, O, y);
+    return y;
+  }
+  Mat forward(const MatRef& x, Index batch, const Mask& mask = {}) const { return forward(x, x, x, batch, mask); }
+  Mat forward(const MatRef& x, const MatRef& context, Index batch, const Mask& mask = {}) const {
+    return forward(x, context, context, batch, mask);
+  }
+
+  // ---- training ----------------------------------------------------------------------------
+  // backward, dy (batch·T, d):
+  //   dO = o_proj.backward(dy); per (b, h): dP = dO_bh·V_bhᵀ, dV_bh = Pᵀ·dO_bh,
+  //   dZ = P ⊙ (dP − rowsum(P ⊙ dP)) / √dh, dQ_bh = dZ·K_bh, dK_bh = dZᵀ·Q_bh;
+  //   dQuery = q_proj.backward(dQ), dKey = k_proj.backward(dK), dValue = v_proj.backward(dV).
+  Mat forward_train(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask = {}) {
+    Shapes s = check("forward_train", query, key, value, batch, mask);
+    for (const auto& p : proj_)
+      if (p.lora && p.lora->is_merged())
+        detail::fail("LoraAttention::forward_train: the projections are merged; call unmerge() before training");
+    Cache& c = cache_;
+    c.valid = false;
+    project_train(q, query, c.Q);
+    project_train(k, key, c.K);
+    project_train(v, value, c.V);
+    c.P.resize(batch * config_.heads * s.T, s.S);
+    Mat O(query.rows(), d_), P(s.T, s.S), y;
+    for (Index b = 0; b < batch; ++b)
+      for (int h = 0; h < config_.heads; ++h) {
+        attend_probs(c.Q, c.K, b, h, s, mask, P);
+        c.P.block((b * config_.heads + h) * s.T, 0, s.T, s.S) = P;
+        O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * c.V.block(b * s.S, h * dh_, s.S, dh_);
+      }
+    project_train(o, O, y);
+    c.shapes = s;
+    c.valid = true;
+    return y;
+  }
+  Mat forward_train(const MatRef& x, Index batch, const Mask& mask = {}) { return forward_train(x, x, x, batch, mask); }
+  Mat forward_train(const MatRef& x, const MatRef& context, Index batch, const Mask& mask = {}) {
+    return forward_train(x, context, context, batch, mask);
+  }
+
+  AttentionGrads<Scalar> backward(const MatRef& dy) {
+    Cache& c = cache_;
+    if (!c.valid) detail::fail("LoraAttention::backward: no forward_train to go back through (call forward_train first)");
+    const Shapes& s = c.shapes;
+    if (dy.rows() != s.batch * s.T || dy.cols() != d_)
+      detail::fail("LoraAttention::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected ",
+                   detail::shape(s.batch * s.T, d_));
+    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh_));
+    Mat dO = project_backward(o, dy);
+    Mat dQ(c.Q.rows(), d_), dK(c.K.rows(), d_), dV(c.V.rows(), d_), dP(s.T, s.S);
+    for (Index b = 0; b < s.batch; ++b)
+      for (int h = 0; h < config_.heads; ++h) {
+        const auto P = c.P.block((b * config_.heads + h) * s.T, 0, s.T, s.S);
+        const auto dOb = dO.block(b * s.T, h * dh_, s.T, dh_);
+        dP.noalias() = dOb * c.V.block(b * s.S, h * dh_, s.S, dh_).transpose();
+        dV.block(b * s.S, h * dh_, s.S, dh_).noalias() = P.transpose() * dOb;
+        // softmax backward, then the 1/√dh of the scores; rows of P that are zero stay zero
+        const Vec rows = (P.array() * dP.array()).rowwise().sum();
+        dP = (P.array() * (dP.colwise() - rows).array()) * scale;
+        dQ.block(b * s.T, h * dh_, s.T, dh_).noalias() = dP * c.K.block(b * s.S, h * dh_, s.S, dh_);
+        dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.transpose() * c.Q.block(b * s.T, h * dh_, s.T, dh_);
+      }
+    AttentionGrads<Scalar> g;
+    g.d_query = project_backward(q, dQ);
+    g.d_key = project_backward(k, dK);
+    g.d_value = project_backward(v, dV);
+    c.valid = false;
+    return g;
+  }
+
+  void zero_grad() {
+    for (auto& p : proj_)
+      if (p.lora) p.lora->zero_grad();
+  }
+
+  // Restarts every projection's dropout masks (projection p uses seed + p, as at construction).
+  void reseed(std::uint64_t seed) {
+    for (int p = 0; p < 4; ++p)
+      if (proj_[p].lora) proj_[p].lora->reseed(seed + static_cast<std::uint64_t>(p));
+  }
+
+  // Every trainable tensor, named "q_proj.lora_A", ...
+  std::vector<Parameter<Scalar>> parameters() {
+    std::vector<Parameter<Scalar>> all;
+    for (int p = 0; p < 4; ++p)
+      if (proj_[p].lora)
+        for (auto& prm : proj_[p].lora->parameters()) {
+          prm.name = std::string(kNames[p]) + "." + prm.name;
+          all.push_back(prm);
+        }
+    return all;
+  }
+
+  Index trainable_parameters() const {
+    Index n = 0;
+    for (const auto& p : proj_)
+      if (p.lora) n += p.lora->trainable_parameters();
+    return n;
+  }
+
+  // ---- merge (all LoRA projections at once) ----------------------------------------------
+  void merge() {
+    for (auto& p : proj_)
+      if (p.lora) p.lora->merge();
+  }
+  // Checks every projection before changing any: a refusal leaves all of them unmerged.
+  void safe_merge() {
+    for (auto& p : proj_)
+      if (p.lora && !p.lora->is_merged() && !p.lora->delta_weight().allFinite())
+        detail::fail("LoraAttention::safe_merge: a LoRA update has non-finite values; nothing was merged");
+    for (auto& p : proj_)
+      if (p.lora) p.lora->safe_merge();
+  }
+  void unmerge() {
+    for (auto& p : proj_)
+      if (p.lora) p.lora->unmerge();
+  }
+  bool is_merged() const {
+    for (const auto& p : proj_)
+      if (p.lora && p.lora->is_merged()) return true;
+    return false;
+  }
+
+ private:
+  struct Projection {
+    std::unique_ptr<LoraLinear<Scalar>> lora;  // targeted
+    Mat weight;                                // not targeted: frozen (d, d)
+    Vec bias;
+  };
+  struct Shapes {
+    Index batch = 0, T = 0, S = 0;
+  };
+  struct Cache {
+    Mat Q, K, V, P;
+    Shapes shapes;
+    bool valid = false;
+  };
+
+  Shapes check(const char* fn, const MatRef& query, const MatRef& key, const MatRef& value, Index batch,
+               const Mask& mask) const {
+    const std::string where = std::string("LoraAttention::") + fn + ": ";
+    if (batch < 1) detail::fail(where, "batch is ", batch, ", expected >= 1");
+    auto check_input = [&](const char* name, const MatRef& m) {
+      if (m.cols() != d_ || m.rows() % batch != 0 || m.rows() == 0)
+        detail::fail(where, name, " is ", detail::shape(m.rows(), m.cols()), ", expected (batch·len, ", d_,
+                     ") with batch ", batch);
+    };
+    check_input("query", query);
+    check_input("key", key);
+    check_input("value", value);
+    if (key.rows() != value.rows())
+      detail::fail(where, "key is ", detail::shape(key.rows(), key.cols()), " but value is ",
+                   detail::shape(value.rows(), value.cols()), "; they must have the same length");
+    Shapes s{batch, query.rows() / batch, key.rows() / batch};
+    if (mask.key_padding.size() && (mask.key_padding.rows() != batch || mask.key_padding.cols() != s.S))
+      detail::fail(where, "key_padding mask is ", detail::shape(mask.key_padding.rows(), mask.key_padding.cols()),
+                   ", expected ", detail::shape(batch, s.S));
+    if (mask.additive.size() && (mask.additive.rows() != s.T || mask.additive.cols() != s.S))
+      detail::fail(where, "additive mask is ", detail::shape(mask.additive.rows(), mask.additive.cols()),
+                   ", expected ", detail::shape(s.T, s.S));
+    return s;
+  }
+
+  // P <- softmax(Q_bh·K_bhᵀ/√dh + mask) by rows, max-subtracted; fully hidden rows are zero.
+  void attend_probs(const Mat& Q, const Mat& K, Index b, int h, const Shapes& s, const Mask& mask, Mat& P) const {
+    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh_));
+    const Scalar neg_inf = -std::numeric_limits<Scalar>::infinity();
+    P.noalias() = scale * Q.block(b * s.T, h * dh_, s.T, dh_) * K.block(b * s.S, h * dh_, s.S, dh_).transpose();
+    if (mask.additive.size()) P += mask.additive;
+    for (Index i = 0; i < s.T; ++i) {
+      auto row = P.row(i);
+      if (mask.causal)
+        for (Index j = i + 1; j < s.S; ++j) row(j) = neg_inf;
+      if (mask.key_padding.size())
+        for (Index j = 0; j < s.S; ++j)
+          if (mask.key_padding(b, j)) row(j) = neg_inf;
+      const Scalar m = row.maxCoeff();
+      if (m == neg_inf || std::isnan(m)) {  // nothing to attend to
+        row.setZero();
+        continue;
+      }
+      row = (row.array() - m).exp();
+      row /= row.sum();
+    }
+  }
+
+  void project(int p, const MatRef& x, Mat& y) const {
+    const Projection& pr = proj_[p];
+    if (pr.lora) return pr.lora->forward(x, y);
+    y.resize(x.rows(), d_);
+    if (pr.bias.size())
+      y.rowwise() = pr.bias.transpose();
+    else
+      y.setZero();
+    y.noalias() += x * pr.weight.transpose();
+  }
+
+  void project_train(int p, const MatRef& x, Mat& y) {
+    if (proj_[p].lora) return proj_[p].lora->forward_train(x, y);
+    project(p, x, y);
+  }
+
+  Mat project_backward(int p, const MatRef& dy) {
+    if (proj_[p].lora) return proj_[p].lora->backward(dy);
+    Mat dx(dy.rows(), d_);
+    dx.noalias() = dy * proj_[p].weight;
+    return dx;
+  }
+
+  AttentionConfig config_;
+  Index d_ = 0, dh_ = 0;
+  std::array<Projection, 4> proj_;
+  Cache cache_;
+};
+
+}  // namespace lora

@@ -1,0 +1,217 @@
+#include <lora/attention.hpp>
+
+#include "fixture_cases.hpp"
+#include "test_util.hpp"
+
+using lora::AttentionConfig;
+using lora::AttentionMask;
+using lora::LoraAttention;
+using MatD = lora::Mat<double>;
+using Att = LoraAttention<double>;
+
+namespace {
+
+MatD random_mat(Eigen::Index r, Eigen::Index c, std::uint64_t seed, double scale = 1.0) {
+  lora::detail::Rng rng(seed);
+  MatD m(r, c);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = scale * rng.normal();
+  return m;
+}
+
+lora::AttentionWeights<double> weights(Eigen::Index d, std::uint64_t seed) {
+  lora::AttentionWeights<double> w;
+  const double s = 1.0 / std::sqrt(double(d));
+  w.q_proj = random_mat(d, d, seed, s);
+  w.k_proj = random_mat(d, d, seed + 1, s);
+  w.v_proj = random_mat(d, d, seed + 2, s);
+  w.o_proj = random_mat(d, d, seed + 3, s);
+  w.q_bias = random_mat(d, 1, seed + 4, 0.1).col(0);
+  w.k_bias = random_mat(d, 1, seed + 5, 0.1).col(0);
+  w.v_bias = random_mat(d, 1, seed + 6, 0.1).col(0);
+  w.o_bias = random_mat(d, 1, seed + 7, 0.1).col(0);
+  return w;
+}
+
+// A layer whose LoRA factors are all non-zero, so every gradient is exercised.
+Att make_attention(Eigen::Index d, int heads, std::vector<std::string> targets, double dropout = 0) {
+  AttentionConfig cfg;
+  cfg.heads = heads;
+  cfg.lora.r = 2;
+  cfg.lora.alpha = 4;
+  cfg.lora.dropout = dropout;
+  cfg.target_modules = std::move(targets);
+  Att att(weights(d, 1), cfg);
+  for (int p = 0; p < 4; ++p)
+    if (auto* l = att.lora(static_cast<Att::Proj>(p))) l->set_lora_B(random_mat(d, 2, 20 + p, 0.3));
+  return att;
+}
+
+double max_abs(const MatD& m) { return m.cwiseAbs().maxCoeff(); }
+
+// L = Σ dy ⊙ forward_train(query, context, context), masks fixed by reseeding. Central
+// differences for every LoRA parameter, the query and the context, against backward().
+void check_finite_differences(Att& att, const MatD& x, const MatD& ctx, Eigen::Index batch,
+                              const AttentionMask<double>& mask, bool self) {
+  const MatD dy = random_mat(x.rows(), att.d_model(), 99);
+  auto run = [&](const MatD& xq, const MatD& xc) {
+    att.reseed(5);
+    return self ? att.forward_train(xq, batch, mask) : att.forward_train(xq, xc, batch, mask);
+  };
+  auto loss = [&](const MatD& xq, const MatD& xc) { return (run(xq, xc).array() * dy.array()).sum(); };
+  att.zero_grad();
+  run(x, ctx);
+  const auto g = att.backward(dy);
+  const MatD dx = self ? g.self() : g.d_query;
+  const MatD dctx = g.context();
+  const double eps = 1e-6, tol = 1e-7;
+  int checked = 0;
+  for (auto& p : att.parameters())
+    for (Eigen::Index i = 0; i < p.value.size(); ++i) {
+      double& v = p.value.data()[i];
+      const double keep = v;
+      v = keep + eps;
+      const double lp = loss(x, ctx);
+      v = keep - eps;
+      const double lm = loss(x, ctx);
+      v = keep;
+      EXPECT_NEAR(p.grad.data()[i], (lp - lm) / (2 * eps), tol) << p.name << " element " << i;
+      ++checked;
+    }
+  for (Eigen::Index i = 0; i < x.size(); ++i) {
+    MatD xp = x, xm = x;
+    xp.data()[i] += eps;
+    xm.data()[i] -= eps;
+    const double fd = self ? (loss(xp, xp) - loss(xm, xm)) / (2 * eps) : (loss(xp, ctx) - loss(xm, ctx)) / (2 * eps);
+    EXPECT_NEAR(dx.data()[i], fd, tol) << "x element " << i;
+    ++checked;
+  }
+  if (!self)
+    for (Eigen::Index i = 0; i < ctx.size(); ++i) {
+      MatD cp = ctx, cm = ctx;
+      cp.data()[i] += eps;
+      cm.data()[i] -= eps;
+      EXPECT_NEAR(dctx.data()[i], (loss(x, cp) - loss(x, cm)) / (2 * eps), tol) << "context element " << i;
+      ++checked;
+    }
+  EXPECT_GT(checked, 50);
+}
+
+}  // namespace
+
+class AttentionFixture : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(AttentionFixture, MatchesPeft) {
+  fixture::Report r = fixture::check_file(data_path(std::string("peft/") + GetParam() + ".safetensors"));
+  ASSERT_TRUE(r.supported) << r.note;
+  EXPECT_GE(r.comparisons.size(), 2u * 8u);
+  for (const auto& c : r.comparisons) EXPECT_TRUE(c.ok()) << c.scalar << " " << c.what << ": " << c.error;
+}
+
+INSTANTIATE_TEST_SUITE_P(Attention, AttentionFixture, ::testing::Values("attention_self_causal", "attention_cross_padded"));
+
+TEST(Attention, SelfCausalPaddedGradientsMatchFiniteDifferences) {
+  auto att = make_attention(8, 2, {"q_proj", "k_proj", "v_proj", "o_proj"}, 0.25);
+  AttentionMask<double> mask;
+  mask.causal = true;
+  mask.key_padding = lora::Mat<std::uint8_t>::Zero(2, 5);
+  mask.key_padding(1, 4) = mask.key_padding(1, 3) = 1;
+  const MatD x = random_mat(10, 8, 3);
+  check_finite_differences(att, x, x, 2, mask, true);
+}
+
+TEST(Attention, CrossPaddedGradientsMatchFiniteDifferences) {
+  auto att = make_attention(8, 4, {"q_proj", "v_proj"});
+  AttentionMask<double> mask;
+  mask.key_padding = lora::Mat<std::uint8_t>::Zero(2, 3);
+  mask.key_padding(0, 2) = 1;
+  mask.additive = random_mat(4, 3, 8, 0.5);
+  check_finite_differences(att, random_mat(8, 8, 4), random_mat(6, 8, 5), 2, mask, false);
+}
+
+// The single-head LoRAAttention of the LoRA write-ups: LoRA on Q, K, V; the output projection
+// frozen.
+TEST(Attention, SingleHeadWithFrozenOutputProjection) {
+  auto att = make_attention(6, 1, {"q_proj", "k_proj", "v_proj"});
+  EXPECT_EQ(att.lora(Att::o), nullptr);
+  EXPECT_EQ(att.parameters().size(), 6u);
+  EXPECT_EQ(att.trainable_parameters(), 3 * (2 * 6 + 6 * 2));
+  const MatD x = random_mat(4, 6, 6);
+  check_finite_differences(att, x, x, 1, {}, true);
+}
+
+TEST(Attention, MergeGivesTheSameOutputAndUnmergeRestores) {
+  auto att = make_attention(8, 2, {"q_proj", "k_proj", "v_proj", "o_proj"});
+  const MatD x = random_mat(6, 8, 7);
+  AttentionMask<double> mask;
+  mask.causal = true;
+  const MatD y = att.forward(x, 2, mask);
+  att.merge();
+  EXPECT_TRUE(att.is_merged());
+  EXPECT_LT(max_abs(att.forward(x, 2, mask) - y), 1e-12);
+  EXPECT_LORA_ERROR(att.forward_train(x, 2, mask), "LoraAttention::forward_train", "merged");
+  att.unmerge();
+  EXPECT_FALSE(att.is_merged());
+  EXPECT_LT(max_abs(att.forward(x, 2, mask) - y), 1e-12);
+}
+
+TEST(Attention, FullyMaskedQueriesGiveTheOutputBiasAndNoNaN) {
+  auto att = make_attention(8, 2, {"q_proj", "v_proj"});
+  AttentionMask<double> mask;
+  mask.key_padding = lora::Mat<std::uint8_t>::Zero(2, 3);
+  mask.key_padding.row(1).setOnes();  // sequence 1 has no visible key
+  const MatD x = random_mat(6, 8, 1);
+  const MatD y = att.forward_train(x, 2, mask);
+  ASSERT_TRUE(y.allFinite());
+  // o_proj has no LoRA here, so a zero attention output leaves exactly its bias.
+  lora::AttentionWeights<double> w = weights(8, 1);
+  for (Eigen::Index t = 3; t < 6; ++t) EXPECT_LT((y.row(t).transpose() - w.o_bias).cwiseAbs().maxCoeff(), 1e-15);
+  const auto g = att.backward(random_mat(6, 8, 2));
+  EXPECT_TRUE(g.self().allFinite());
+  // Masked keys receive no gradient through K or V from any query.
+  EXPECT_LT(max_abs(g.d_key.bottomRows(3)), 1e-15);
+  EXPECT_LT(max_abs(g.d_value.bottomRows(3)), 1e-15);
+}
+
+TEST(Attention, ShortQueriesLongerKeysAndOneHead) {
+  auto att = make_attention(4, 1, {"q_proj", "v_proj"});
+  const MatD q = random_mat(2, 4, 1), kv = random_mat(10, 4, 2);  // batch 2: T = 1, S = 5
+  const MatD y = att.forward(q, kv, 2);
+  EXPECT_EQ(y.rows(), 2);
+  // With T = 1 each query attends over its own sequence's 5 keys only.
+  const MatD y0 = att.forward(q.topRows(1), kv.topRows(5), 1);
+  EXPECT_LT(max_abs(y.topRows(1) - y0), 1e-14);
+  check_finite_differences(att, q, kv, 2, {}, false);
+}
+
+TEST(Attention, InvalidShapesThrowAndChangeNothing) {
+  AttentionConfig cfg;
+  cfg.heads = 3;
+  EXPECT_LORA_ERROR(Att(weights(8, 1), cfg), "d_model 8 is not divisible by heads 3");
+  cfg.heads = 2;
+  cfg.target_modules = {"q_proj", "gate_proj"};
+  EXPECT_LORA_ERROR(Att(weights(8, 1), cfg), "unknown target module 'gate_proj'");
+  auto w = weights(8, 1);
+  w.k_bias = lora::Vec<double>::Zero(5);
+  cfg.target_modules = {"q_proj"};
+  EXPECT_LORA_ERROR(Att(w, cfg), "k_proj bias is (5), expected (8)");
+
+  auto att = make_attention(8, 2, {"q_proj", "v_proj"});
+  const MatD x = random_mat(6, 8, 1), dy = random_mat(6, 8, 2);
+  EXPECT_LORA_ERROR(att.forward(random_mat(6, 7, 1), 2), "LoraAttention::forward: query is (6, 7), expected (batch·len, 8)");
+  EXPECT_LORA_ERROR(att.forward(x, 4), "query is (6, 8)", "batch 4");
+  EXPECT_LORA_ERROR(att.forward(x, x, random_mat(4, 8, 3), 2), "key is (6, 8) but value is (4, 8)");
+  AttentionMask<double> bad;
+  bad.key_padding = lora::Mat<std::uint8_t>::Zero(2, 4);
+  EXPECT_LORA_ERROR(att.forward(x, 2, bad), "key_padding mask is (2, 4), expected (2, 3)");
+  AttentionMask<double> bad_add;
+  bad_add.additive = MatD::Zero(3, 4);
+  EXPECT_LORA_ERROR(att.forward(x, 2, bad_add), "additive mask is (3, 4), expected (3, 3)");
+  EXPECT_LORA_ERROR(att.backward(dy), "LoraAttention::backward", "forward_train first");
+  // A refused call leaves a good training forward usable.
+  att.forward_train(x, 2);
+  EXPECT_LORA_ERROR(att.forward_train(x, 4), "batch 4");
+  EXPECT_LORA_ERROR(att.backward(random_mat(6, 9, 1)), "dY is (6, 9), expected (6, 8)");
+  const auto g = att.backward(dy);
+  EXPECT_TRUE(g.self().allFinite());
+  EXPECT_GT(max_abs(att.lora(Att::q)->grad_A()), 0.0);
+}
