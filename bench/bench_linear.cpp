@@ -7,25 +7,14 @@
 // interleaved order, and the ratios use each one's fastest repetition.
 #include <lora/linear.hpp>
 
-#include <benchmark/benchmark.h>
-
-#include <cstdio>
-#include <cstring>
-#include <map>
-#include <string>
-#include <vector>
+#include "bench_common.hpp"
 
 namespace {
 
-using Mat = lora::Mat<float>;
-using Vec = lora::Vec<float>;
-
-Mat random(Eigen::Index r, Eigen::Index c, std::uint64_t seed) {
-  lora::detail::Rng rng(seed);
-  Mat m(r, c);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(rng.normal());
-  return m;
-}
+using bench::Mat;
+using bench::random;
+using bench::set_flops;
+using bench::Vec;
 
 lora::LoraLinear<float> make_layer(Eigen::Index d, int r) {
   lora::LoraConfig cfg;
@@ -34,10 +23,6 @@ lora::LoraLinear<float> make_layer(Eigen::Index d, int r) {
   lora::LoraLinear<float> layer(random(d, d, 1) * (1.0f / std::sqrt(float(d))), Vec(random(d, 1, 2).col(0)), cfg);
   layer.set_lora_B(random(d, r, 3) * 0.01f);
   return layer;
-}
-
-void set_flops(benchmark::State& state, double flops) {
-  state.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void BM_LinearMerged(benchmark::State& state) {
@@ -131,34 +116,14 @@ void register_all() {
   }
 }
 
-// Keeps each benchmark's fastest repetition (seconds per iteration), keyed by its name.
-class RatioReporter : public benchmark::ConsoleReporter {
- public:
-  std::map<std::string, double> best;
-  void ReportRuns(const std::vector<Run>& runs) override {
-    for (const auto& run : runs) {
-      if (run.run_type != Run::RT_Iteration || run.error_occurred) continue;
-      const double t = run.real_accumulated_time / static_cast<double>(run.iterations);
-      std::string name = run.run_name.str();  // "BM_X/n:512/d:1024/r:8/real_time"
-      if (auto cut = name.rfind("/real_time"); cut != std::string::npos) name.erase(cut);
-      auto it = best.find(name);
-      if (it == best.end() || t < it->second) best[name] = t;
-    }
-    ConsoleReporter::ReportRuns(runs);
-  }
-};
-
-void print_ratios(const std::map<std::string, double>& t, int threads) {
+void print_ratios(const bench::Times& t, int threads) {
   std::printf("\nRatios (fastest of the repetitions, %d thread%s, float):\n", threads, threads == 1 ? "" : "s");
   std::printf("%-16s %12s %12s %12s %14s %16s\n", "n/d/r", "unmerged/", "naive BA/", "train step/", "merged GFLOP/s", "unmerged target");
   std::printf("%-16s %12s %12s %12s %14s %16s\n", "", "merged", "merged", "merged", "/ GEMM GFLOP/s", "(n=512)");
   for (const auto& s : kShapes) {
     const std::string nd = "n:" + std::to_string(s[0]) + "/d:" + std::to_string(s[1]);
     const std::string ndr = nd + "/r:" + std::to_string(s[2]);
-    auto get = [&](const std::string& key) {
-      auto it = t.find(key);
-      return it == t.end() ? NAN : it->second;
-    };
+    auto get = [&](const std::string& key) { return bench::get(t, key); };
     const double merged = get("BM_LinearMerged/" + ndr);
     const double d = double(s[1]), r = double(s[2]);
     const double target = std::max(1.05, 1.03 * (1 + r * 2 * d / (d * d)));
@@ -174,32 +139,4 @@ void print_ratios(const std::map<std::string, double>& t, int threads) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  int threads = 1;
-  bool reps_given = false;
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--threads=", 10) == 0) {
-      threads = std::atoi(argv[i] + 10);
-      continue;
-    }
-    if (std::strncmp(argv[i], "--benchmark_repetitions", 23) == 0) reps_given = true;
-    args.push_back(argv[i]);
-  }
-  std::string reps = "--benchmark_repetitions=5", interleave = "--benchmark_enable_random_interleaving=true";
-  if (!reps_given) {
-    args.push_back(reps.data());
-    args.push_back(interleave.data());
-  }
-  int n = static_cast<int>(args.size());
-  lora::set_num_threads(threads);
-  std::printf("bench_linear: %d thread%s (Eigen reports %d)\n", threads, threads == 1 ? "" : "s", lora::num_threads());
-  register_all();
-  benchmark::Initialize(&n, args.data());
-  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
-  RatioReporter reporter;
-  benchmark::RunSpecifiedBenchmarks(&reporter);
-  print_ratios(reporter.best, threads);
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return bench::main(argc, argv, "bench_linear", register_all, print_ratios); }

@@ -156,11 +156,11 @@ class LoraAttention {
     project_train(k, key, c.K);
     project_train(v, value, c.V);
     c.P.resize(batch * config_.heads * s.T, s.S);
-    Mat O(query.rows(), d_), P(s.T, s.S), y;
+    Mat O(query.rows(), d_), y;
     for (Index b = 0; b < batch; ++b)
       for (int h = 0; h < config_.heads; ++h) {
+        Eigen::Ref<Mat> P = c.P.block((b * config_.heads + h) * s.T, 0, s.T, s.S);
         attend_probs(c.Q, c.K, b, h, s, mask, P);
-        c.P.block((b * config_.heads + h) * s.T, 0, s.T, s.S) = P;
         O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * c.V.block(b * s.S, h * dh_, s.S, dh_);
       }
     project_train(o, O, y);
@@ -297,7 +297,8 @@ class LoraAttention {
   }
 
   // P <- softmax(Q_bh·K_bhᵀ/√dh + mask) by rows, max-subtracted; fully hidden rows are zero.
-  void attend_probs(const Mat& Q, const Mat& K, Index b, int h, const Shapes& s, const Mask& mask, Mat& P) const {
+  void attend_probs(const Mat& Q, const Mat& K, Index b, int h, const Shapes& s, const Mask& mask,
+                    Eigen::Ref<Mat> P) const {
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh_));
     const Scalar neg_inf = -std::numeric_limits<Scalar>::infinity();
     P.noalias() = scale * Q.block(b * s.T, h * dh_, s.T, dh_) * K.block(b * s.S, h * dh_, s.S, dh_).transpose();

@@ -1,0 +1,89 @@
+// What the benchmark programs share: random inputs, a reporter that keeps each benchmark's
+// fastest repetition, and a main that takes --threads=N and prints the program's ratio table.
+#pragma once
+
+#include <lora/detail/random.hpp>
+#include <lora/types.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace bench {
+
+using Mat = lora::Mat<float>;
+using Vec = lora::Vec<float>;
+using Times = std::map<std::string, double>;  // name (without /real_time) -> seconds per iteration
+
+inline Mat random(Eigen::Index r, Eigen::Index c, std::uint64_t seed, float scale = 1.0f) {
+  lora::detail::Rng rng(seed);
+  Mat m(r, c);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = scale * static_cast<float>(rng.normal());
+  return m;
+}
+
+inline void set_flops(benchmark::State& state, double flops) {
+  state.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+inline double get(const Times& t, const std::string& key) {
+  auto it = t.find(key);
+  return it == t.end() ? NAN : it->second;
+}
+
+class RatioReporter : public benchmark::ConsoleReporter {
+ public:
+  Times best;
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const auto& run : runs) {
+      if (run.run_type != Run::RT_Iteration || run.error_occurred) continue;
+      const double t = run.real_accumulated_time / static_cast<double>(run.iterations);
+      std::string name = run.run_name.str();  // "BM_X/n:512/d:1024/r:8/real_time"
+      if (auto cut = name.rfind("/real_time"); cut != std::string::npos) name.erase(cut);
+      auto it = best.find(name);
+      if (it == best.end() || t < it->second) best[name] = t;
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+};
+
+// Parses --threads=N (default 1), repeats each benchmark 5 times in random interleaved order
+// unless --benchmark_repetitions is given, runs, then calls print(times, threads).
+inline int main(int argc, char** argv, const char* program, const std::function<void()>& register_all,
+                const std::function<void(const Times&, int)>& print) {
+  int threads = 1;
+  bool reps_given = false;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--threads=", 10) == 0) {
+      threads = std::atoi(argv[i] + 10);
+      continue;
+    }
+    if (std::strncmp(argv[i], "--benchmark_repetitions", 23) == 0) reps_given = true;
+    args.push_back(argv[i]);
+  }
+  std::string reps = "--benchmark_repetitions=5", interleave = "--benchmark_enable_random_interleaving=true";
+  if (!reps_given) {
+    args.push_back(reps.data());
+    args.push_back(interleave.data());
+  }
+  int n = static_cast<int>(args.size());
+  lora::set_num_threads(threads);
+  std::printf("%s: %d thread%s (Eigen reports %d)\n", program, threads, threads == 1 ? "" : "s", lora::num_threads());
+  register_all();
+  benchmark::Initialize(&n, args.data());
+  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  RatioReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  print(reporter.best, threads);
+  benchmark::Shutdown();
+  return 0;
+}
+
+}  // namespace bench
