@@ -53,7 +53,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
 };
 
-// Parses --threads=N (default 1), repeats each benchmark 5 times in random interleaved order
+// Parses --threads=N (default 1), repeats each benchmark 8 times in random interleaved order
 // unless --benchmark_repetitions is given, runs, then calls print(times, threads).
 inline int main(int argc, char** argv, const char* program, const std::function<void()>& register_all,
                 const std::function<void(const Times&, int)>& print) {
@@ -68,7 +68,7 @@ inline int main(int argc, char** argv, const char* program, const std::function<
     if (std::strncmp(argv[i], "--benchmark_repetitions", 23) == 0) reps_given = true;
     args.push_back(argv[i]);
   }
-  std::string reps = "--benchmark_repetitions=5", interleave = "--benchmark_enable_random_interleaving=true";
+  std::string reps = "--benchmark_repetitions=8", interleave = "--benchmark_enable_random_interleaving=true";
   if (!reps_given) {
     args.push_back(reps.data());
     args.push_back(interleave.data());

@@ -3,7 +3,7 @@
 //
 //   bench_linear [--threads=N] [google benchmark flags]
 //
-// Each benchmark is repeated (5 times unless --benchmark_repetitions is given), in random
+// Each benchmark is repeated (8 times unless --benchmark_repetitions is given), in random
 // interleaved order, and the ratios use each one's fastest repetition.
 #include <lora/linear.hpp>
 

@@ -6,5 +6,7 @@
 #include <lora/error.hpp>
 #include <lora/init.hpp>
 #include <lora/linear.hpp>
+#include <lora/loss.hpp>
+#include <lora/optim.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/types.hpp>

@@ -1,0 +1,191 @@
+// Optimizers over parameters() (PyTorch semantics and defaults), gradient clipping, LoRA+ and a
+// warmup + cosine learning-rate schedule.
+//
+//   SGD    g ← g + wd·p;  buf ← g (first step) or μ·buf + (1−dampening)·g;  g ← nesterov ? g + μ·buf : buf;
+//          p ← p − lr·g                                            (torch.optim.SGD)
+//   AdamW  p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
+//          p ← p − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε)            (torch.optim.AdamW)
+//
+// Each parameter may carry its own learning-rate multiplier (LoRA+ gives B's lr × ratio). The
+// optimizer keeps per-parameter state in the order the parameters were added; the views it
+// holds must stay valid (the layers alive and not moved).
+#pragma once
+
+#include <lora/error.hpp>
+#include <lora/linear.hpp>
+#include <lora/types.hpp>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace lora {
+
+template <class Scalar>
+struct ParamGroupEntry {
+  Parameter<Scalar> param;
+  double lr_scale = 1;
+};
+
+template <class Scalar>
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+
+  // Adds parameters whose learning rate is lr·lr_scale.
+  void add(const std::vector<Parameter<Scalar>>& params, double lr_scale = 1) {
+    if (!(lr_scale > 0) || !std::isfinite(lr_scale))
+      detail::fail("Optimizer::add: lr_scale is ", lr_scale, ", expected a finite value > 0");
+    for (const auto& p : params) {
+      entries_.push_back({p, lr_scale});
+      added(p);
+    }
+  }
+
+  virtual void step() = 0;
+
+  void zero_grad() {
+    for (auto& e : entries_) e.param.grad.setZero();
+  }
+
+  double lr() const { return lr_; }
+  void set_lr(double lr) {
+    if (!(lr >= 0) || !std::isfinite(lr)) detail::fail("Optimizer::set_lr: lr is ", lr, ", expected a finite value >= 0");
+    lr_ = lr;
+  }
+  std::size_t size() const { return entries_.size(); }
+
+ protected:
+  explicit Optimizer(double lr) { set_lr(lr); }
+  virtual void added(const Parameter<Scalar>&) {}
+  std::vector<ParamGroupEntry<Scalar>> entries_;
+  double lr_ = 0;
+};
+
+struct SgdOptions {
+  double lr = 1e-3;
+  double momentum = 0;
+  double dampening = 0;
+  double weight_decay = 0;
+  bool nesterov = false;
+};
+
+template <class Scalar>
+class Sgd : public Optimizer<Scalar> {
+ public:
+  explicit Sgd(const SgdOptions& o = {}) : Optimizer<Scalar>(o.lr), o_(o) {
+    if (o.momentum < 0 || o.weight_decay < 0 || o.dampening < 0)
+      detail::fail("Sgd: momentum, dampening and weight_decay must be >= 0");
+    if (o.nesterov && (o.momentum <= 0 || o.dampening != 0))
+      detail::fail("Sgd: nesterov needs momentum > 0 and dampening 0");
+  }
+
+  void step() override {
+    for (std::size_t i = 0; i < this->entries_.size(); ++i) {
+      auto& e = this->entries_[i];
+      auto p = e.param.value.array();
+      Mat<Scalar> g = e.param.grad;
+      if (o_.weight_decay != 0) g += Scalar(o_.weight_decay) * e.param.value;
+      if (o_.momentum != 0) {
+        if (steps_ == 0)
+          buf_[i] = g;
+        else
+          buf_[i] = Scalar(o_.momentum) * buf_[i] + Scalar(1 - o_.dampening) * g;
+        if (o_.nesterov)
+          g += Scalar(o_.momentum) * buf_[i];
+        else
+          g = buf_[i];
+      }
+      p -= Scalar(this->lr_ * e.lr_scale) * g.array();
+    }
+    ++steps_;
+  }
+
+ private:
+  void added(const Parameter<Scalar>& p) override { buf_.push_back(Mat<Scalar>::Zero(p.value.rows(), p.value.cols())); }
+  SgdOptions o_;
+  std::vector<Mat<Scalar>> buf_;
+  long steps_ = 0;
+};
+
+struct AdamWOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;
+};
+
+template <class Scalar>
+class AdamW : public Optimizer<Scalar> {
+ public:
+  explicit AdamW(const AdamWOptions& o = {}) : Optimizer<Scalar>(o.lr), o_(o) {
+    if (!(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1))
+      detail::fail("AdamW: betas are (", o.beta1, ", ", o.beta2, "), expected each in [0, 1)");
+    if (!(o.eps >= 0) || !(o.weight_decay >= 0)) detail::fail("AdamW: eps and weight_decay must be >= 0");
+  }
+
+  void step() override {
+    ++t_;
+    const double bc1 = 1 - std::pow(o_.beta1, double(t_));
+    const double bc2_sqrt = std::sqrt(1 - std::pow(o_.beta2, double(t_)));
+    for (std::size_t i = 0; i < this->entries_.size(); ++i) {
+      auto& e = this->entries_[i];
+      const double lr = this->lr_ * e.lr_scale;
+      auto p = e.param.value.array();
+      const auto g = e.param.grad.array();
+      p *= Scalar(1 - lr * o_.weight_decay);
+      m_[i].array() = Scalar(o_.beta1) * m_[i].array() + Scalar(1 - o_.beta1) * g;
+      v_[i].array() = Scalar(o_.beta2) * v_[i].array() + Scalar(1 - o_.beta2) * g.square();
+      p -= Scalar(lr / bc1) * m_[i].array() / (v_[i].array().sqrt() / Scalar(bc2_sqrt) + Scalar(o_.eps));
+    }
+  }
+
+  long steps() const { return t_; }
+
+ private:
+  void added(const Parameter<Scalar>& p) override {
+    m_.push_back(Mat<Scalar>::Zero(p.value.rows(), p.value.cols()));
+    v_.push_back(Mat<Scalar>::Zero(p.value.rows(), p.value.cols()));
+  }
+  AdamWOptions o_;
+  std::vector<Mat<Scalar>> m_, v_;
+  long t_ = 0;
+};
+
+// Scales all gradients together so that their global L2 norm is at most max_norm
+// (torch.nn.utils.clip_grad_norm_). Returns the norm before clipping.
+template <class Scalar>
+double clip_grad_norm(const std::vector<Parameter<Scalar>>& params, double max_norm) {
+  double sq = 0;
+  for (const auto& p : params) sq += static_cast<double>(p.grad.squaredNorm());
+  const double norm = std::sqrt(sq);
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef < 1)
+    for (auto p : params) p.grad *= Scalar(coef);
+  return norm;
+}
+
+// LoRA+ (Hayou et al. 2024): B learns ratio times faster than A. Adds params to opt, the
+// lora_B ones (names ending in "lora_B") with lr × ratio.
+template <class Scalar>
+void add_loraplus(Optimizer<Scalar>& opt, const std::vector<Parameter<Scalar>>& params, double ratio = 16) {
+  std::vector<Parameter<Scalar>> a, b;
+  for (const auto& p : params) {
+    const std::string suffix = "lora_B";
+    const bool is_b = p.name.size() >= suffix.size() && p.name.compare(p.name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    (is_b ? b : a).push_back(p);
+  }
+  opt.add(a);
+  opt.add(b, ratio);
+}
+
+// Linear warmup from 0 to base_lr over warmup steps, then cosine decay to 0 at total steps
+// (transformers' get_cosine_schedule_with_warmup). step counts from 0.
+inline double warmup_cosine_lr(double base_lr, long step, long warmup, long total) {
+  if (step < warmup) return base_lr * double(step) / double(std::max(1L, warmup));
+  const double progress = double(step - warmup) / double(std::max(1L, total - warmup));
+  return base_lr * std::max(0.0, 0.5 * (1 + std::cos(3.14159265358979323846 * progress)));
+}
+
+}  // namespace lora
