@@ -77,8 +77,18 @@ void print_ratios(const bench::Times& t, int threads) {
   const double merged = bench::get(t, "BM_AttentionMerged");
   std::printf("\nRatios (fastest of the repetitions, %d thread%s, float, batch %d, T %d, d_model %d, %d heads, r %d on q,k,v,o):\n",
               threads, threads == 1 ? "" : "s", kBatch, kT, kD, kHeads, kR);
-  std::printf("  unmerged/merged   %.3f   (target <= 1.06)\n", bench::get(t, "BM_AttentionUnmerged") / merged);
-  std::printf("  train step/merged %.3f\n", bench::get(t, "BM_AttentionTrainStep") / merged);
+  auto merged_att = make_attention(), att = make_attention();
+  merged_att.merge();
+  const Mat x = random(kBatch * kT, kD, 6), dy = random(kBatch * kT, kD, 7);
+  lora::AttentionMask<float> mask;
+  mask.causal = true;
+  Mat y;
+  const auto m = bench::paired_ratios({{"merged", [&] { y = merged_att.forward(x, kBatch, mask); }},
+                                       {"unmerged", [&] { y = att.forward(x, kBatch, mask); }},
+                                       {"train", [&] { att.forward_train(x, kBatch, mask); att.backward(dy); }}});
+  std::printf("                    fastest repetitions   paired (median of 21 rounds)\n");
+  std::printf("  unmerged/merged   %8.3f %22.3f   (target <= 1.06)\n", bench::get(t, "BM_AttentionUnmerged") / merged, m[1]);
+  std::printf("  train step/merged %8.3f %22.3f\n", bench::get(t, "BM_AttentionTrainStep") / merged, m[2]);
 }
 
 }  // namespace

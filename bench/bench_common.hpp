@@ -7,6 +7,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -37,6 +39,39 @@ inline double get(const Times& t, const std::string& key) {
   return it == t.end() ? NAN : it->second;
 }
 
+struct Case {
+  std::string name;
+  std::function<void()> run;
+};
+
+// Paired ratios, robust to the slow drifts of a shared machine: in each round every case runs
+// back to back for about min_seconds (the same call count for all, fixed from the first case),
+// and its time is divided by the first case's time of that round. Returns each case's median
+// ratio over the rounds (the first case's is 1).
+inline std::vector<double> paired_ratios(const std::vector<Case>& cases, int rounds = 21, double min_seconds = 0.05) {
+  using clock = std::chrono::steady_clock;
+  auto time_calls = [](const Case& c, long calls) {
+    const auto t0 = clock::now();
+    for (long i = 0; i < calls; ++i) c.run();
+    return std::chrono::duration<double>(clock::now() - t0).count();
+  };
+  long calls = 1;
+  time_calls(cases[0], 1);  // warm up
+  while (time_calls(cases[0], calls) < min_seconds) calls *= 2;
+  std::vector<std::vector<double>> ratios(cases.size());
+  for (int r = 0; r < rounds; ++r) {
+    const double base = time_calls(cases[0], calls);
+    for (std::size_t k = 1; k < cases.size(); ++k) ratios[k].push_back(time_calls(cases[k], calls) / base);
+  }
+  std::vector<double> median(cases.size(), 1.0);
+  for (std::size_t k = 1; k < cases.size(); ++k) {
+    auto& v = ratios[k];
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    median[k] = v[v.size() / 2];
+  }
+  return median;
+}
+
 class RatioReporter : public benchmark::ConsoleReporter {
  public:
   Times best;
@@ -53,7 +88,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
 };
 
-// Parses --threads=N (default 1), repeats each benchmark 8 times in random interleaved order
+// Parses --threads=N (default 1), repeats each benchmark 5 times in random interleaved order
 // unless --benchmark_repetitions is given, runs, then calls print(times, threads).
 inline int main(int argc, char** argv, const char* program, const std::function<void()>& register_all,
                 const std::function<void(const Times&, int)>& print) {
@@ -68,7 +103,7 @@ inline int main(int argc, char** argv, const char* program, const std::function<
     if (std::strncmp(argv[i], "--benchmark_repetitions", 23) == 0) reps_given = true;
     args.push_back(argv[i]);
   }
-  std::string reps = "--benchmark_repetitions=8", interleave = "--benchmark_enable_random_interleaving=true";
+  std::string reps = "--benchmark_repetitions=5", interleave = "--benchmark_enable_random_interleaving=true";
   if (!reps_given) {
     args.push_back(reps.data());
     args.push_back(interleave.data());

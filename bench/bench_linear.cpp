@@ -3,8 +3,9 @@
 //
 //   bench_linear [--threads=N] [google benchmark flags]
 //
-// Each benchmark is repeated (8 times unless --benchmark_repetitions is given), in random
-// interleaved order, and the ratios use each one's fastest repetition.
+// Each benchmark is repeated (5 times unless --benchmark_repetitions is given), in random
+// interleaved order. Two ratio tables follow: one from the fastest repetitions, one paired
+// (each case timed right after the merged forward, median of 21 rounds).
 #include <lora/linear.hpp>
 
 #include "bench_common.hpp"
@@ -49,15 +50,19 @@ void BM_LinearUnmerged(benchmark::State& state) {
 }
 
 // The forward of a LoRA layer that forms W + s·B·A on every call.
+void naive_forward(const lora::LoraLinear<float>& layer, const Mat& W, const Mat& x, Mat& Weff, Mat& y) {
+  Weff = W + layer.scaling() * layer.lora_B() * layer.lora_A();
+  y.noalias() = x * Weff.transpose();
+  y.rowwise() += layer.bias().transpose();
+}
+
 void BM_LinearNaiveBA(benchmark::State& state) {
   const auto n = state.range(0), d = state.range(1), r = state.range(2);
   auto layer = make_layer(d, int(r));
   const Mat W = layer.weight();
   Mat x = random(n, d, 4), y, Weff;
   for (auto _ : state) {
-    Weff = W + layer.scaling() * layer.lora_B() * layer.lora_A();
-    y.noalias() = x * Weff.transpose();
-    y.rowwise() += layer.bias().transpose();
+    naive_forward(layer, W, x, Weff, y);
     benchmark::DoNotOptimize(y.data());
   }
   set_flops(state, 2.0 * n * d * d + 2.0 * d * d * r);
@@ -116,23 +121,47 @@ void register_all() {
   }
 }
 
-void print_ratios(const bench::Times& t, int threads) {
-  std::printf("\nRatios (fastest of the repetitions, %d thread%s, float):\n", threads, threads == 1 ? "" : "s");
+void print_header(const char* title, int threads) {
+  std::printf("\n%s (%d thread%s, float):\n", title, threads, threads == 1 ? "" : "s");
   std::printf("%-16s %12s %12s %12s %14s %16s\n", "n/d/r", "unmerged/", "naive BA/", "train step/", "merged GFLOP/s", "unmerged target");
   std::printf("%-16s %12s %12s %12s %14s %16s\n", "", "merged", "merged", "merged", "/ GEMM GFLOP/s", "(n=512)");
+}
+
+void print_row(const std::vector<std::int64_t>& s, double unmerged, double naive, double train, double gemm) {
+  const double d = double(s[1]), r = double(s[2]);
+  const double target = std::max(1.05, 1.03 * (1 + r * 2 * d / (d * d)));
+  char label[32], tgt[32];
+  std::snprintf(label, sizeof label, "%lld/%lld/%lld", (long long)s[0], (long long)s[1], (long long)s[2]);
+  std::snprintf(tgt, sizeof tgt, s[0] == 512 ? "<= %.3f" : "-", target);
+  std::printf("%-16s %12.3f %12.3f %12.3f %14.3f %16s\n", label, unmerged, naive, train, gemm, tgt);
+}
+
+// Two tables from this run: ratios of the fastest Google Benchmark repetitions, and paired
+// ratios (each case timed right after the merged forward, median of 21 rounds), which drifts of
+// a shared machine disturb far less.
+void print_ratios(const bench::Times& t, int threads) {
+  print_header("Ratios of the fastest repetitions", threads);
   for (const auto& s : kShapes) {
     const std::string nd = "n:" + std::to_string(s[0]) + "/d:" + std::to_string(s[1]);
     const std::string ndr = nd + "/r:" + std::to_string(s[2]);
-    auto get = [&](const std::string& key) { return bench::get(t, key); };
-    const double merged = get("BM_LinearMerged/" + ndr);
-    const double d = double(s[1]), r = double(s[2]);
-    const double target = std::max(1.05, 1.03 * (1 + r * 2 * d / (d * d)));
-    char label[32], tgt[32];
-    std::snprintf(label, sizeof label, "%lld/%lld/%lld", (long long)s[0], (long long)s[1], (long long)s[2]);
-    std::snprintf(tgt, sizeof tgt, s[0] == 512 ? "<= %.3f" : "-", target);
-    std::printf("%-16s %12.3f %12.3f %12.3f %14.3f %16s\n", label, get("BM_LinearUnmerged/" + ndr) / merged,
-                get("BM_LinearNaiveBA/" + ndr) / merged, get("BM_LinearTrainStep/" + ndr) / merged,
-                get("BM_Gemm/" + nd) / merged, tgt);
+    const double merged = bench::get(t, "BM_LinearMerged/" + ndr);
+    print_row(s, bench::get(t, "BM_LinearUnmerged/" + ndr) / merged, bench::get(t, "BM_LinearNaiveBA/" + ndr) / merged,
+              bench::get(t, "BM_LinearTrainStep/" + ndr) / merged, bench::get(t, "BM_Gemm/" + nd) / merged);
+  }
+  print_header("Ratios, paired (median of 21 rounds)", threads);
+  for (const auto& s : kShapes) {
+    const auto n = s[0], d = s[1];
+    auto merged = make_layer(d, int(s[2]));
+    merged.merge();
+    auto unmerged = make_layer(d, int(s[2]));
+    const Mat W = unmerged.weight(), x = random(n, d, 4), dy = random(n, d, 5);
+    Mat y1, y2, y3, y4, dx, Weff, yg(n, d);
+    const auto m = bench::paired_ratios({{"merged", [&] { merged.forward(x, y1); }},
+                                         {"unmerged", [&] { unmerged.forward(x, y2); }},
+                                         {"naive", [&] { naive_forward(unmerged, W, x, Weff, y3); }},
+                                         {"train", [&] { unmerged.forward_train(x, y4); unmerged.backward(dy, dx); }},
+                                         {"gemm", [&] { yg.noalias() = x * W.transpose(); }}});
+    print_row(s, m[1], m[2], m[3], m[4]);
   }
   std::printf("Targets at n=512: unmerged/merged as above, train step/merged <= 2.3, merged/GEMM >= 0.9.\n");
 }

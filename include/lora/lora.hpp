@@ -5,6 +5,7 @@
 #include <lora/dropout.hpp>
 #include <lora/error.hpp>
 #include <lora/init.hpp>
+#include <lora/layers.hpp>
 #include <lora/linear.hpp>
 #include <lora/loss.hpp>
 #include <lora/optim.hpp>
