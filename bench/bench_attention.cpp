@@ -42,8 +42,9 @@ void run_forward(benchmark::State& state, bool merged) {
   const Mat x = random(kBatch * kT, kD, 6);
   lora::AttentionMask<float> mask;
   mask.causal = true;
+  Mat y;
   for (auto _ : state) {
-    Mat y = att.forward(x, kBatch, mask);
+    att.forward(x, x, x, kBatch, mask, y);
     benchmark::DoNotOptimize(y.data());
   }
   bench::set_flops(state, forward_flops() + (merged ? 0 : 4 * 4.0 * kBatch * kT * kD * kR));
@@ -57,9 +58,10 @@ void BM_AttentionTrainStep(benchmark::State& state) {
   const Mat x = random(kBatch * kT, kD, 6), dy = random(kBatch * kT, kD, 7);
   lora::AttentionMask<float> mask;
   mask.causal = true;
+  lora::AttentionGrads<float> g;
   for (auto _ : state) {
     Mat y = att.forward_train(x, kBatch, mask);
-    auto g = att.backward(dy);
+    att.backward(dy, g);
     benchmark::DoNotOptimize(y.data());
     benchmark::DoNotOptimize(g.d_query.data());
   }
@@ -82,10 +84,11 @@ void print_ratios(const bench::Times& t, int threads) {
   const Mat x = random(kBatch * kT, kD, 6), dy = random(kBatch * kT, kD, 7);
   lora::AttentionMask<float> mask;
   mask.causal = true;
-  Mat y;
-  const auto m = bench::paired_ratios({{"merged", [&] { y = merged_att.forward(x, kBatch, mask); }},
-                                       {"unmerged", [&] { y = att.forward(x, kBatch, mask); }},
-                                       {"train", [&] { att.forward_train(x, kBatch, mask); att.backward(dy); }}});
+  Mat y1, y2;
+  lora::AttentionGrads<float> g;
+  const auto m = bench::paired_ratios({{"merged", [&] { merged_att.forward(x, x, x, kBatch, mask, y1); }},
+                                       {"unmerged", [&] { att.forward(x, x, x, kBatch, mask, y2); }},
+                                       {"train", [&] { att.forward_train(x, kBatch, mask); att.backward(dy, g); }}});
   std::printf("                    fastest repetitions   paired (median of 21 rounds)\n");
   std::printf("  unmerged/merged   %8.3f %22.3f   (target <= 1.06)\n", bench::get(t, "BM_AttentionUnmerged") / merged, m[1]);
   std::printf("  train step/merged %8.3f %22.3f\n", bench::get(t, "BM_AttentionTrainStep") / merged, m[2]);

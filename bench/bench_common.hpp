@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include <malloc.h>
+
 namespace bench {
 
 using Mat = lora::Mat<float>;
@@ -109,6 +111,11 @@ inline int main(int argc, char** argv, const char* program, const std::function<
     args.push_back(interleave.data());
   }
   int n = static_cast<int>(args.size());
+  // Keep freed memory in the process: otherwise glibc returns large blocks (outputs, Eigen's GEMM
+  // packing buffers) to the OS between calls and every call pays page faults again, a cost that
+  // depends on what ran just before (milliseconds per call on this VM). Same for every case.
+  mallopt(M_MMAP_THRESHOLD, 512 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   lora::set_num_threads(threads);
   std::printf("%s: %d thread%s (Eigen reports %d)\n", program, threads, threads == 1 ? "" : "s", lora::num_threads());
   register_all();

@@ -16,8 +16,9 @@
 // attention output is zero (then o_proj's bias) and no gradient flows through it. (PyTorch
 // gives NaN there.)
 //
-// Training keeps Q, K, V (3 × (batch·T or batch·S, d)) and P (batch·heads·T, S); each LoRA
-// projection also keeps its own input (see LoraLinear). backward consumes them and returns
+// Training keeps Q, K, V, O (4 × (batch·T or batch·S, d)) and P (batch·heads·T, S), plus
+// backward's workspaces of the same sizes, all reused from call to call; each LoRA projection
+// also keeps its own input (see LoraLinear). backward consumes the cache and returns
 // dQuery, dKey, dValue; the self-attention form sums all three, the cross form sums dKey and
 // dValue into dContext.
 #pragma once
@@ -121,19 +122,27 @@ class LoraAttention {
 
   // ---- evaluation (const, thread-safe) ---------------------------------------------------
   Mat forward(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask = {}) const {
+    Mat y;
+    forward(query, key, value, batch, mask, y);
+    return y;
+  }
+
+  // Writes into y (not aliasing the inputs), resized only when its shape differs. Q, K, V, O
+  // and P live in per-thread workspaces, so repeated calls allocate nothing.
+  void forward(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask, Mat& y) const {
     Shapes s = check("forward", query, key, value, batch, mask);
-    Mat Q, K, V, O, P(s.T, s.S), y;
+    thread_local Mat Q, K, V, O, P;
     project(q, query, Q);
     project(k, key, K);
     project(v, value, V);
     O.resize(query.rows(), d_);
+    P.resize(s.T, s.S);
     for (Index b = 0; b < batch; ++b)
       for (int h = 0; h < config_.heads; ++h) {
         attend_probs(Q, K, b, h, s, mask, P);
         O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * V.block(b * s.S, h * dh_, s.S, dh_);
       }
     project(o, O, y);
-    return y;
   }
   Mat forward(const MatRef& x, Index batch, const Mask& mask = {}) const { return forward(x, x, x, batch, mask); }
   Mat forward(const MatRef& x, const MatRef& context, Index batch, const Mask& mask = {}) const {
@@ -156,14 +165,15 @@ class LoraAttention {
     project_train(k, key, c.K);
     project_train(v, value, c.V);
     c.P.resize(batch * config_.heads * s.T, s.S);
-    Mat O(query.rows(), d_), y;
+    c.O.resize(query.rows(), d_);
     for (Index b = 0; b < batch; ++b)
       for (int h = 0; h < config_.heads; ++h) {
         Eigen::Ref<Mat> P = c.P.block((b * config_.heads + h) * s.T, 0, s.T, s.S);
         attend_probs(c.Q, c.K, b, h, s, mask, P);
-        O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * c.V.block(b * s.S, h * dh_, s.S, dh_);
+        c.O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * c.V.block(b * s.S, h * dh_, s.S, dh_);
       }
-    project_train(o, O, y);
+    Mat y;
+    project_train(o, c.O, y);
     c.shapes = s;
     c.valid = true;
     return y;
@@ -174,6 +184,13 @@ class LoraAttention {
   }
 
   AttentionGrads<Scalar> backward(const MatRef& dy) {
+    AttentionGrads<Scalar> g;
+    backward(dy, g);
+    return g;
+  }
+
+  // Writes into g's matrices, resized only when their shapes differ.
+  void backward(const MatRef& dy, AttentionGrads<Scalar>& g) {
     Cache& c = cache_;
     if (!c.valid) detail::fail("LoraAttention::backward: no forward_train to go back through (call forward_train first)");
     const Shapes& s = c.shapes;
@@ -181,26 +198,28 @@ class LoraAttention {
       detail::fail("LoraAttention::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected ",
                    detail::shape(s.batch * s.T, d_));
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh_));
-    Mat dO = project_backward(o, dy);
-    Mat dQ(c.Q.rows(), d_), dK(c.K.rows(), d_), dV(c.V.rows(), d_), dP(s.T, s.S);
+    project_backward(o, dy, c.dO);
+    c.dQ.resize(c.Q.rows(), d_);
+    c.dK.resize(c.K.rows(), d_);
+    c.dV.resize(c.V.rows(), d_);
+    c.dP.resize(s.T, s.S);
+    Mat& dP = c.dP;
     for (Index b = 0; b < s.batch; ++b)
       for (int h = 0; h < config_.heads; ++h) {
         const auto P = c.P.block((b * config_.heads + h) * s.T, 0, s.T, s.S);
-        const auto dOb = dO.block(b * s.T, h * dh_, s.T, dh_);
+        const auto dOb = c.dO.block(b * s.T, h * dh_, s.T, dh_);
         dP.noalias() = dOb * c.V.block(b * s.S, h * dh_, s.S, dh_).transpose();
-        dV.block(b * s.S, h * dh_, s.S, dh_).noalias() = P.transpose() * dOb;
+        c.dV.block(b * s.S, h * dh_, s.S, dh_).noalias() = P.transpose() * dOb;
         // softmax backward, then the 1/√dh of the scores; rows of P that are zero stay zero
         const Vec rows = (P.array() * dP.array()).rowwise().sum();
         dP = (P.array() * (dP.colwise() - rows).array()) * scale;
-        dQ.block(b * s.T, h * dh_, s.T, dh_).noalias() = dP * c.K.block(b * s.S, h * dh_, s.S, dh_);
-        dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.transpose() * c.Q.block(b * s.T, h * dh_, s.T, dh_);
+        c.dQ.block(b * s.T, h * dh_, s.T, dh_).noalias() = dP * c.K.block(b * s.S, h * dh_, s.S, dh_);
+        c.dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.transpose() * c.Q.block(b * s.T, h * dh_, s.T, dh_);
       }
-    AttentionGrads<Scalar> g;
-    g.d_query = project_backward(q, dQ);
-    g.d_key = project_backward(k, dK);
-    g.d_value = project_backward(v, dV);
+    project_backward(q, c.dQ, g.d_query);
+    project_backward(k, c.dK, g.d_key);
+    project_backward(v, c.dV, g.d_value);
     c.valid = false;
-    return g;
   }
 
   void zero_grad() {
@@ -266,7 +285,8 @@ class LoraAttention {
     Index batch = 0, T = 0, S = 0;
   };
   struct Cache {
-    Mat Q, K, V, P;
+    Mat Q, K, V, P, O;     // kept for backward
+    Mat dO, dQ, dK, dV, dP;  // backward's workspaces, reused
     Shapes shapes;
     bool valid = false;
   };
@@ -336,11 +356,10 @@ class LoraAttention {
     project(p, x, y);
   }
 
-  Mat project_backward(int p, const MatRef& dy) {
-    if (proj_[p].lora) return proj_[p].lora->backward(dy);
-    Mat dx(dy.rows(), d_);
+  void project_backward(int p, const MatRef& dy, Mat& dx) {
+    if (proj_[p].lora) return proj_[p].lora->backward(dy, dx);
+    dx.resize(dy.rows(), d_);
     dx.noalias() = dy * proj_[p].weight;
-    return dx;
   }
 
   AttentionConfig config_;
