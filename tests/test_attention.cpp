@@ -3,6 +3,8 @@
 #include "fixture_cases.hpp"
 #include "test_util.hpp"
 
+#include <thread>
+
 using lora::AttentionConfig;
 using lora::AttentionMask;
 using lora::LoraAttention;
@@ -152,6 +154,24 @@ TEST(Attention, MergeGivesTheSameOutputAndUnmergeRestores) {
   att.unmerge();
   EXPECT_FALSE(att.is_merged());
   EXPECT_LT(max_abs(att.forward(x, 2, mask) - y), 1e-12);
+}
+
+TEST(Attention, EvalForwardIsThreadSafe) {
+  const auto att = make_attention(8, 2, {"q_proj", "k_proj", "v_proj", "o_proj"});
+  AttentionMask<double> mask;
+  mask.causal = true;
+  std::vector<MatD> xs, expect, got(4);
+  for (int t = 0; t < 4; ++t) {
+    xs.push_back(random_mat(2 * (3 + t), 8, 50 + t));  // different lengths per thread
+    expect.push_back(att.forward(xs.back(), 2, mask));
+  }
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int k = 0; k < 50; ++k) got[t] = att.forward(xs[t], 2, mask);
+    });
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < 4; ++t) EXPECT_EQ(got[t], expect[t]);
 }
 
 TEST(Attention, FullyMaskedQueriesGiveTheOutputBiasAndNoNaN) {
