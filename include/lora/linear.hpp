@@ -108,6 +108,31 @@ class LoraLinear {
   // B (out, r). Refused while merged.
   void set_lora_B(const MatRef& b) { set_factor("set_lora_B", "B", b, B_); }
 
+  // PEFT's update_layer: a new adapter of config.r, config.alpha, ... with fresh A and B
+  // (initialised as config.init says) and zero gradients; W and b are untouched. Refused while
+  // merged, and for a config that changes fan_in_fan_out (how W is stored) or asks for a
+  // trainable bias the layer does not have. A refusal changes nothing.
+  void update_layer(const LoraConfig& config) {
+    const char* where = "LoraLinear::update_layer: ";
+    check_config(where, config);
+    if (merged_) detail::fail(where, "the layer is merged; unmerge() first");
+    if (config.fan_in_fan_out != config_.fan_in_fan_out)
+      detail::fail(where, "fan_in_fan_out is ", config.fan_in_fan_out, ", the layer's weight was given with ",
+                   config_.fan_in_fan_out);
+    if (config.bias == BiasMode::trainable && !has_bias_)
+      detail::fail(where, "bias mode is trainable but the layer has no bias");
+    reset_adapter(config);
+  }
+
+  // PEFT's enable_adapters / disable_adapters: a disabled layer computes the base alone,
+  // y = x·Wᵀ + b. Disabling a merged layer unmerges it first (as PEFT does). Training a
+  // disabled layer is an error.
+  void enable_adapters(bool enabled) {
+    if (!enabled) unmerge();
+    disabled_ = !enabled;
+  }
+  bool disable_adapters() const { return disabled_; }
+
   // ---- evaluation ------------------------------------------------------------------------
   // x (n, in) -> y (n, out). const and thread-safe; no dropout.
   //   y = b + x·Wᵀ + s·(x·Aᵀ)·Bᵀ       (merged: y = b + x·Wᵀ)
@@ -124,7 +149,7 @@ class LoraLinear {
     y.resize(x.rows(), out_);
     init_with_bias(y);
     add_base(x, y);
-    if (!merged_) {
+    if (!merged_ && !disabled_) {
       thread_local Mat t;
       t.noalias() = x * A_.transpose();
       y.noalias() += s_ * t * B_.transpose();
@@ -149,6 +174,7 @@ class LoraLinear {
     check_input("forward_train", x);
     check_no_alias("forward_train", "Y", y, "X", x);
     if (merged_) detail::fail("LoraLinear::forward_train: the layer is merged; call unmerge() before training");
+    check_enabled("forward_train");
     Cache& c = cache_;
     if (config_.dropout > 0) {
       dropout_mask(c.mask, x.rows(), in_, config_.dropout, rng_);
@@ -236,6 +262,7 @@ class LoraLinear {
   // W += s·B·A. No-op when merged.
   void merge() {
     if (merged_) return;
+    check_enabled("merge");
     begin_merge();
     add_delta(writable_weight(), Scalar(1));
     merged_ = true;
@@ -245,6 +272,7 @@ class LoraLinear {
   // is not finite.
   void safe_merge() {
     if (merged_) return;
+    check_enabled("safe_merge");
     Mat merged = weight();
     MatMap m(merged.data(), w_rows_, w_cols_);
     add_delta(m, Scalar(1));
@@ -278,13 +306,8 @@ class LoraLinear {
 
   void setup(Index rows, Index cols, std::optional<Vec> bias, const LoraConfig& config) {
     const char* where = "LoraLinear: ";
-    if (config.r < 1) detail::fail(where, "r is ", config.r, ", expected r >= 1");
-    if (!std::isfinite(config.alpha) || config.alpha <= 0)
-      detail::fail(where, "alpha is ", config.alpha, ", expected a finite value > 0");
-    if (!(config.dropout >= 0 && config.dropout < 1))
-      detail::fail(where, "dropout is ", config.dropout, ", expected 0 <= p < 1");
+    check_config(where, config);
     if (rows < 1 || cols < 1) detail::fail(where, "weight is ", detail::shape(rows, cols), ", expected a non-empty matrix");
-    config_ = config;
     w_rows_ = rows;
     w_cols_ = cols;
     out_ = config.fan_in_fan_out ? cols : rows;
@@ -298,6 +321,20 @@ class LoraLinear {
     } else if (config.bias == BiasMode::trainable) {
       detail::fail(where, "bias mode is trainable but the layer has no bias");
     }
+    reset_adapter(config);
+  }
+
+  static void check_config(const char* where, const LoraConfig& config) {
+    if (config.r < 1) detail::fail(where, "r is ", config.r, ", expected r >= 1");
+    if (!std::isfinite(config.alpha) || config.alpha <= 0)
+      detail::fail(where, "alpha is ", config.alpha, ", expected a finite value > 0");
+    if (!(config.dropout >= 0 && config.dropout < 1))
+      detail::fail(where, "dropout is ", config.dropout, ", expected 0 <= p < 1");
+  }
+
+  // New A, B (initialised as config says), zero gradients, scaling, dropout stream.
+  void reset_adapter(const LoraConfig& config) {
+    config_ = config;
     s_ = static_cast<Scalar>(config.scaling());
     A_.resize(config.r, in_);
     B_.resize(out_, config.r);
@@ -306,7 +343,8 @@ class LoraLinear {
     reseed(config.seed);
     grad_A_ = Mat::Zero(config.r, in_);
     grad_B_ = Mat::Zero(out_, config.r);
-    if (config.bias == BiasMode::trainable) grad_bias_ = Vec::Zero(out_);
+    grad_bias_ = config.bias == BiasMode::trainable ? Vec::Zero(out_) : Vec();
+    cache_.valid = false;
   }
 
   const Scalar* wdata() const { return use_own_ ? w_own_.data() : (w_borrow_ ? w_borrow_ : w_borrow_ro_); }
@@ -330,6 +368,10 @@ class LoraLinear {
       w.noalias() += (sign * s_) * A_.transpose() * B_.transpose();
     else
       w.noalias() += (sign * s_) * B_ * A_;
+  }
+
+  void check_enabled(const char* fn) const {
+    if (disabled_) detail::fail("LoraLinear::", fn, ": adapters are disabled; enable_adapters(true) first");
   }
 
   void check_input(const char* fn, const MatRef& x) const {
@@ -378,6 +420,7 @@ class LoraLinear {
   bool use_own_ = false;                  // W is w_own_
   Mat w_saved_;                           // W before merge, in exact_unmerge mode
   bool merged_ = false;
+  bool disabled_ = false;
 
   Vec bias_;
   bool has_bias_ = false;

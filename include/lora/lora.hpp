@@ -9,5 +9,6 @@
 #include <lora/linear.hpp>
 #include <lora/loss.hpp>
 #include <lora/optim.hpp>
+#include <lora/peft.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/types.hpp>
