@@ -515,13 +515,13 @@ class LoraModel {
   }
 
   // Writes the state dict with each LoRA layer's current weight (merged or not) in place of the
-  // file's, as dtype (for those weights only); every other tensor is copied byte for byte.
-  void save_weights(const std::string& path, Dtype dtype = Dtype::F32) const {
+  // file's, in the file's dtype; every other tensor is copied byte for byte.
+  void save_weights(const std::string& path) const {
     SafeTensorsBuilder b;
     for (const auto& t : st_.tensors()) {
       const std::string module = t.name.size() > 7 ? t.name.substr(0, t.name.size() - 7) : "";
       if (modules_.contains(module) && t.name == module + ".weight") {
-        b.add(t.name, modules_.at(module).weight(), dtype);
+        b.add(t.name, modules_.at(module).weight(), t.dtype);
       } else {
         const std::uint8_t* p = st_.bytes(t.name);
         b.add_raw(t.name, t.dtype, t.shape, std::vector<std::uint8_t>(p, p + (t.end - t.begin)));
