@@ -39,6 +39,28 @@
 
 namespace lora {
 
+namespace detail {
+
+// std::regex (ECMAScript, close to Python's re for the patterns PEFT configs use) of a pattern
+// from a config. Patterns longer than 1000 characters or with a number of more than 6 digits
+// (a repeat count or a back-reference; libstdc++ overflows on huge ones) are refused before
+// they reach std::regex. what names the field in the error.
+inline std::regex make_regex(const std::string& pattern, const std::string& what) {
+  std::size_t digits = 0;
+  for (char ch : pattern) {
+    digits = (ch >= '0' && ch <= '9') ? digits + 1 : 0;
+    if (digits > 6) fail(what, " has a number of more than 6 digits: refused as a regular expression");
+  }
+  if (pattern.size() > 1000) fail(what, " is ", pattern.size(), " characters long, more than 1000");
+  try {
+    return std::regex(pattern);
+  } catch (const std::regex_error& e) {
+    fail(what, " is not a valid regular expression: ", pattern, " (", e.what(), ")");
+  }
+}
+
+}  // namespace detail
+
 // adapter_config.json. `raw` holds the whole file as read (key order kept); the typed fields are
 // what this library uses, and to_json() writes them over raw.
 struct PeftConfig {
@@ -90,7 +112,9 @@ struct PeftConfig {
   }
 
  private:
-  static bool full_match(const std::string& re, const std::string& s) { return std::regex_match(s, std::regex(re)); }
+  static bool full_match(const std::string& re, const std::string& s) {
+    return std::regex_match(s, detail::make_regex(re, "a module regex"));
+  }
   static bool names_match(const std::vector<std::string>& names, const std::string& m) {
     for (const auto& n : names)
       if (m == n || (m.size() > n.size() && m.compare(m.size() - n.size(), n.size(), n) == 0 &&
@@ -101,7 +125,7 @@ struct PeftConfig {
   template <class T>
   static T pattern_value(const std::vector<std::pair<std::string, T>>& pattern, const std::string& m, T dflt) {
     for (const auto& [key, value] : pattern)
-      if (std::regex_match(m, std::regex("(.*\\.)?(" + key + ")"))) return value;
+      if (std::regex_match(m, detail::make_regex("(.*\\.)?(" + key + ")", "pattern key \"" + key + "\""))) return value;
     return dflt;
   }
 };
@@ -117,11 +141,7 @@ inline void read_names(const nlohmann::ordered_json& j, const char* field, const
   const auto& v = j[field];
   if (v.is_string()) {
     regex = v.get<std::string>();
-    try {
-      std::regex check(*regex);
-    } catch (const std::regex_error& e) {
-      fail(label, ": ", field, " is not a valid regular expression: ", json_text(v), " (", e.what(), ")");
-    }
+    make_regex(*regex, label + ": " + field);
     return;
   }
   if (!v.is_array()) fail(label, ": ", field, " is ", json_text(v), ", expected a list of names or a regex string");
@@ -196,11 +216,7 @@ inline PeftConfig PeftConfig::from_json(const std::string& text, const std::stri
   }
   auto check_keys = [&](const auto& pattern, const char* name) {
     for (const auto& kv : pattern) {
-      try {
-        std::regex check("(.*\\.)?(" + kv.first + ")");
-      } catch (const std::regex_error&) {
-        detail::fail(label, ": ", name, " key \"", kv.first, "\" is not a valid regular expression");
-      }
+      detail::make_regex("(.*\\.)?(" + kv.first + ")", label + ": " + name + " key \"" + kv.first + "\"");
     }
   };
   check_keys(c.rank_pattern, "rank_pattern");
