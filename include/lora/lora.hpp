@@ -4,6 +4,7 @@
 #include <lora/attention.hpp>
 #include <lora/dropout.hpp>
 #include <lora/error.hpp>
+#include <lora/idx.hpp>
 #include <lora/init.hpp>
 #include <lora/layers.hpp>
 #include <lora/linear.hpp>
