@@ -59,6 +59,8 @@ TEST(PeftConfig, TargetsMatchLikePeft) {
   EXPECT_TRUE(re.targets("model.layers.1.self_attn.v_proj"));
   EXPECT_FALSE(re.targets("model.layers.0.self_attn.v_proj"));
   EXPECT_FALSE(re.targets("model.layers.1.self_attn.v_proj.x"));  // the whole path must match
+  auto lazy = parse(R"({"peft_type": "LORA", "target_modules": ".*?layers\\.[0-9]{1,2}?\\..*[*+?]?_proj"})");
+  EXPECT_TRUE(lazy.targets("model.layers.12.self_attn.v_proj"));
   auto ex = parse(R"({"peft_type": "LORA", "target_modules": ["q_proj"], "exclude_modules": ["layers.0.q_proj"]})");
   EXPECT_FALSE(ex.targets("m.layers.0.q_proj"));
   EXPECT_TRUE(ex.targets("m.layers.1.q_proj"));
@@ -97,6 +99,9 @@ TEST(PeftConfig, BadConfigsAreRefusedByName) {
       // found by fuzz_peft_config: libstdc++'s regex compiler overflows on a huge back-reference
       {R"({"peft_type": "LORA", "target_modules": ".*\\2222222222222222222222v)_p"})", {"target_modules has a number of more than 6 digits"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q{99999999}": 2}})", {"rank_pattern key", "more than 6 digits"}},
+      // found by fuzz_peft_config: ".**" made std::regex backtrack for minutes (Python refuses it)
+      {R"({"peft_type": "LORA", "target_modules": ".**\\.(q|v)_proj"})", {"target_modules repeats a repetition at position 2"}},
+      {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q_+*": 2}})", {"rank_pattern key", "multiple repeat"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q": 0}})", {"rank_pattern[\"q\"] is 0"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"(q": 2}})", {"rank_pattern key \"(q\""}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "alpha_pattern": []})", {"alpha_pattern is []"}},

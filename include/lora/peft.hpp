@@ -52,6 +52,31 @@ inline std::regex make_regex(const std::string& pattern, const std::string& what
     if (digits > 6) fail(what, " has a number of more than 6 digits: refused as a regular expression");
   }
   if (pattern.size() > 1000) fail(what, " is ", pattern.size(), " characters long, more than 1000");
+  // A quantifier right after a quantifier ("a**", "a+*", "a{2}+"; the lazy "a*?" is fine) is
+  // Python's "multiple repeat" error; std::regex accepts some and then backtracks without end.
+  bool after_quantifier = false, after_lazy = false, in_class = false;
+  for (std::size_t i = 0; i < pattern.size(); ++i) {
+    const char ch = pattern[i];
+    if (ch == '\\') {
+      ++i;
+      after_quantifier = after_lazy = false;
+      continue;
+    }
+    if (in_class) {
+      in_class = ch != ']';
+      continue;
+    }
+    const bool quantifier = ch == '*' || ch == '+' || ch == '?' || ch == '{';
+    if (quantifier && (after_lazy || (after_quantifier && ch != '?')))
+      fail(what, " repeats a repetition at position ", i, " (multiple repeat): ", pattern);
+    after_lazy = after_quantifier && ch == '?';
+    if (ch == '{') {
+      const std::size_t close = pattern.find('}', i);
+      if (close != std::string::npos) i = close;
+    }
+    after_quantifier = quantifier && !after_lazy;
+    in_class = ch == '[';
+  }
   try {
     return std::regex(pattern);
   } catch (const std::regex_error& e) {
