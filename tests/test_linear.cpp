@@ -216,6 +216,50 @@ TEST(Linear, GradientsMatchFiniteDifferencesFanInFanOut) {
   check_finite_differences(layer, random_mat<MatD>(4, 9, 12));
 }
 
+TEST(Linear, FullFineTuningGradientsOfWAndBiasMatchFiniteDifferences) {
+  for (bool fifo : {false, true}) {
+    SCOPED_TRACE(fifo ? "fan_in_fan_out" : "(out, in)");
+    auto cfg = config(2, 3, 0.25);
+    cfg.fan_in_fan_out = fifo;
+    LoraLinear<double> layer(random_mat<MatD>(fifo ? 7 : 5, fifo ? 5 : 7, 1), random_mat<MatD>(5, 1, 3).col(0), cfg);
+    layer.set_lora_B(random_mat<MatD>(5, 2, 2));
+    layer.set_base_trainable(true);
+    const auto params = layer.parameters();
+    ASSERT_EQ(params.size(), 4u);  // lora_A, lora_B, weight, bias
+    EXPECT_EQ(params[2].name, "weight");
+    EXPECT_EQ(layer.trainable_parameters(), 2 * 7 + 5 * 2 + 5 * 7 + 5);
+    EXPECT_EQ(layer.frozen_parameters(), 0);
+    check_finite_differences(layer, random_mat<MatD>(4, 7, 12));
+  }
+}
+
+TEST(Linear, DisabledAdapterTrainsOnlyTheBase) {
+  LoraLinear<double> layer(random_mat<MatD>(5, 7, 1), random_mat<MatD>(5, 1, 3).col(0), config(2, 3, 0.5));
+  layer.set_lora_B(random_mat<MatD>(5, 2, 2));
+  layer.enable_adapters(false);
+  const MatD x = random_mat<MatD>(4, 7, 4), dy = random_mat<MatD>(4, 5, 5);
+  const MatD base = (x * layer.weight().transpose()).rowwise() + layer.bias().transpose();
+  EXPECT_LT(max_abs(layer.forward_train(x) - base), 1e-14);  // no LoRA branch, no dropout
+  EXPECT_LT(max_abs(layer.backward(dy) - dy * layer.weight()), 1e-14);
+  EXPECT_TRUE(layer.grad_A().isZero(0));
+  EXPECT_TRUE(layer.grad_B().isZero(0));
+  EXPECT_TRUE(layer.parameters().empty());  // frozen base, disabled adapter: nothing trains
+  EXPECT_EQ(layer.trainable_parameters(), 0);
+  layer.set_base_trainable(true);  // full fine-tuning of a plain linear
+  check_finite_differences(layer, x);
+  EXPECT_EQ(layer.parameters().size(), 2u);
+}
+
+TEST(Linear, BaseTrainingIsRefusedWhenMergedOrReadOnly) {
+  const MatD W = random_mat<MatD>(5, 7, 1);
+  LoraLinear<double> ro(lora::ConstMatMap<double>(W.data(), 5, 7), std::nullopt, config(2, 3));
+  EXPECT_LORA_ERROR(ro.set_base_trainable(true), "set_base_trainable", "read-only borrow");
+  LoraLinear<double> merged(W, std::nullopt, config(2, 3));
+  merged.merge();
+  EXPECT_LORA_ERROR(merged.set_base_trainable(true), "set_base_trainable", "merged");
+  EXPECT_FALSE(merged.base_trainable());
+}
+
 TEST(Linear, GradientsAccumulateUntilZeroGrad) {
   auto layer = make_layer(8, 4, config(2, 2));
   MatD x = random_mat<MatD>(3, 8, 1), dy = random_mat<MatD>(3, 4, 2);

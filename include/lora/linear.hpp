@@ -101,7 +101,7 @@ class LoraLinear {
   const Mat& lora_B() const { return B_; }
   const Mat& grad_A() const { return grad_A_; }
   const Mat& grad_B() const { return grad_B_; }
-  const Vec& grad_bias() const { return grad_bias_; }  // size 0 unless BiasMode::trainable
+  const Vec& grad_bias() const { return grad_bias_; }  // size 0 unless BiasMode::trainable or base_trainable()
 
   // A (r, in). Refused while merged (W would no longer match).
   void set_lora_A(const MatRef& a) { set_factor("set_lora_A", "A", a, A_); }
@@ -125,13 +125,28 @@ class LoraLinear {
   }
 
   // PEFT's enable_adapters / disable_adapters: a disabled layer computes the base alone,
-  // y = x·Wᵀ + b. Disabling a merged layer unmerges it first (as PEFT does). Training a
-  // disabled layer is an error.
+  // y = x·Wᵀ + b, and trains nothing of A and B (parameters() leaves them out). Disabling a
+  // merged layer unmerges it first (as PEFT does).
   void enable_adapters(bool enabled) {
     if (!enabled) unmerge();
     disabled_ = !enabled;
   }
   bool disable_adapters() const { return disabled_; }
+
+  // Full fine-tuning: W and b become trainable too (backward accumulates grad_weight and
+  // grad_bias, parameters() lists them). Off by default: LoRA training never changes W. Refused
+  // while merged and for a read-only borrowed W.
+  void set_base_trainable(bool on) {
+    if (on && merged_) detail::fail("LoraLinear::set_base_trainable: the layer is merged; unmerge() first");
+    if (on && w_borrow_ro_ && !use_own_)
+      detail::fail("LoraLinear::set_base_trainable: W is a read-only borrow; construct the layer with an owned or writable W");
+    train_base_ = on;
+    grad_W_ = on ? Mat::Zero(w_rows_, w_cols_) : Mat();
+    grad_bias_ = on || config_.bias == BiasMode::trainable ? Vec::Zero(has_bias_ ? out_ : 0) : Vec();
+    cache_.valid = false;
+  }
+  bool base_trainable() const { return train_base_; }
+  const Mat& grad_weight() const { return grad_W_; }  // W's layout; size 0 unless base_trainable()
 
   // ---- evaluation ------------------------------------------------------------------------
   // x (n, in) -> y (n, out). const and thread-safe; no dropout.
@@ -158,11 +173,12 @@ class LoraLinear {
 
   // ---- training --------------------------------------------------------------------------
   // forward_train, x (n, in) -> y (n, out), keeps in cache_:
-  //   xd = drop(x) (n, in), mask (n, in) (p > 0 only), t = xd·Aᵀ (n, r)
+  //   xd = drop(x) (n, in), mask (n, in) (p > 0 only), t = xd·Aᵀ (n, r); x when the base trains
   //   y  = b + x·Wᵀ + s·t·Bᵀ
   // backward, dy (n, out) -> dx (n, in), consumes the cache:
   //   dB += s·dyᵀ·t      g = s·dy·B (n, r)      dA += gᵀ·xd      db += Σ_rows dy (trainable bias)
-  //   dx  = dy·W + mask ⊙ (g·A)
+  //   dx  = dy·W + mask ⊙ (g·A)                 dW += dyᵀ·x (base_trainable)
+  // With adapters disabled only the base terms remain.
   Mat forward_train(const MatRef& x) {
     Mat y;
     forward_train(x, y);
@@ -174,8 +190,14 @@ class LoraLinear {
     check_input("forward_train", x);
     check_no_alias("forward_train", "Y", y, "X", x);
     if (merged_) detail::fail("LoraLinear::forward_train: the layer is merged; call unmerge() before training");
-    check_enabled("forward_train");
     Cache& c = cache_;
+    c.n = x.rows();
+    if (train_base_) c.x = x;
+    y.resize(x.rows(), out_);
+    init_with_bias(y);
+    add_base(x, y);
+    c.valid = true;
+    if (disabled_) return;
     if (config_.dropout > 0) {
       dropout_mask(c.mask, x.rows(), in_, config_.dropout, rng_);
       c.xd = x.cwiseProduct(c.mask);
@@ -183,11 +205,7 @@ class LoraLinear {
       c.xd = x;
     }
     c.t.noalias() = c.xd * A_.transpose();
-    y.resize(x.rows(), out_);
-    init_with_bias(y);
-    add_base(x, y);
     y.noalias() += s_ * c.t * B_.transpose();
-    c.valid = true;
   }
 
   Mat backward(const MatRef& dy) {
@@ -200,26 +218,33 @@ class LoraLinear {
   void backward(const MatRef& dy, Mat& dx) {
     Cache& c = cache_;
     if (!c.valid) detail::fail("LoraLinear::backward: no forward_train to go back through (call forward_train first)");
-    if (dy.rows() != c.xd.rows() || dy.cols() != out_)
+    if (dy.rows() != c.n || dy.cols() != out_)
       detail::fail("LoraLinear::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected ",
-                   detail::shape(c.xd.rows(), out_));
+                   detail::shape(c.n, out_));
     check_no_alias("backward", "dX", dx, "dY", dy);
-    grad_B_.noalias() += s_ * dy.transpose() * c.t;
-    c.g.noalias() = s_ * dy * B_;
-    grad_A_.noalias() += c.g.transpose() * c.xd;
-    if (config_.bias == BiasMode::trainable) grad_bias_ += dy.colwise().sum().transpose();
+    if (grad_bias_.size()) grad_bias_ += dy.colwise().sum().transpose();
+    if (train_base_) {
+      if (config_.fan_in_fan_out)
+        grad_W_.noalias() += c.x.transpose() * dy;
+      else
+        grad_W_.noalias() += dy.transpose() * c.x;
+    }
     dx.resize(dy.rows(), in_);
     if (config_.fan_in_fan_out)
       dx.noalias() = dy * weight().transpose();
     else
       dx.noalias() = dy * weight();
+    c.valid = false;
+    if (disabled_) return;
+    grad_B_.noalias() += s_ * dy.transpose() * c.t;
+    c.g.noalias() = s_ * dy * B_;
+    grad_A_.noalias() += c.g.transpose() * c.xd;
     if (config_.dropout > 0) {
       c.xd.noalias() = c.g * A_;  // xd is no longer needed: reuse it for g·A
       dx += c.mask.cwiseProduct(c.xd);
     } else {
       dx.noalias() += c.g * A_;
     }
-    c.valid = false;
   }
 
   // Restarts the sequence of dropout masks: the next forward_train after reseed(k) draws the
@@ -230,24 +255,26 @@ class LoraLinear {
     grad_A_.setZero();
     grad_B_.setZero();
     grad_bias_.setZero();
+    grad_W_.setZero();
   }
 
-  // The trainable tensors with their gradients: lora_A, lora_B, and bias in trainable mode.
+  // The trainable tensors with their gradients: lora_A and lora_B (unless adapters are
+  // disabled), bias in trainable mode, weight and bias when the base trains.
   std::vector<Parameter<Scalar>> parameters() {
     std::vector<Parameter<Scalar>> p;
-    p.push_back({"lora_A", MatMap(A_.data(), A_.rows(), A_.cols()), MatMap(grad_A_.data(), A_.rows(), A_.cols())});
-    p.push_back({"lora_B", MatMap(B_.data(), B_.rows(), B_.cols()), MatMap(grad_B_.data(), B_.rows(), B_.cols())});
-    if (config_.bias == BiasMode::trainable)
-      p.push_back({"bias", MatMap(bias_.data(), 1, out_), MatMap(grad_bias_.data(), 1, out_)});
+    if (!disabled_) {
+      p.push_back({"lora_A", MatMap(A_.data(), A_.rows(), A_.cols()), MatMap(grad_A_.data(), A_.rows(), A_.cols())});
+      p.push_back({"lora_B", MatMap(B_.data(), B_.rows(), B_.cols()), MatMap(grad_B_.data(), B_.rows(), B_.cols())});
+    }
+    if (train_base_) p.push_back({"weight", writable_weight(), MatMap(grad_W_.data(), w_rows_, w_cols_)});
+    if (grad_bias_.size()) p.push_back({"bias", MatMap(bias_.data(), 1, out_), MatMap(grad_bias_.data(), 1, out_)});
     return p;
   }
 
   Index trainable_parameters() const {
-    return A_.size() + B_.size() + (config_.bias == BiasMode::trainable ? out_ : 0);
+    return (disabled_ ? 0 : A_.size() + B_.size()) + (train_base_ ? out_ * in_ : 0) + grad_bias_.size();
   }
-  Index frozen_parameters() const {
-    return out_ * in_ + (has_bias_ && config_.bias == BiasMode::frozen ? out_ : 0);
-  }
+  Index frozen_parameters() const { return base_parameters() - (train_base_ ? out_ * in_ : 0) - grad_bias_.size(); }
   // What full fine-tuning of the base layer trains: W and b.
   Index base_parameters() const { return out_ * in_ + (has_bias_ ? out_ : 0); }
 
@@ -300,7 +327,8 @@ class LoraLinear {
 
  private:
   struct Cache {
-    Mat xd, mask, t, g;
+    Mat x, xd, mask, t, g;
+    Index n = 0;
     bool valid = false;
   };
 
@@ -343,7 +371,7 @@ class LoraLinear {
     reseed(config.seed);
     grad_A_ = Mat::Zero(config.r, in_);
     grad_B_ = Mat::Zero(out_, config.r);
-    grad_bias_ = config.bias == BiasMode::trainable ? Vec::Zero(out_) : Vec();
+    grad_bias_ = config.bias == BiasMode::trainable || train_base_ ? Vec::Zero(has_bias_ ? out_ : 0) : Vec();
     cache_.valid = false;
   }
 
@@ -421,6 +449,8 @@ class LoraLinear {
   Mat w_saved_;                           // W before merge, in exact_unmerge mode
   bool merged_ = false;
   bool disabled_ = false;
+  bool train_base_ = false;
+  Mat grad_W_;
 
   Vec bias_;
   bool has_bias_ = false;
