@@ -120,6 +120,7 @@ class LayerNorm {
   }
 
   Vec& gamma() { return gamma_; }
+  const Vec& gamma() const { return gamma_; }
   Vec& beta() { return beta_; }
   const Vec& grad_gamma() const { return g_gamma_; }
   const Vec& grad_beta() const { return g_beta_; }

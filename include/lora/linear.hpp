@@ -286,10 +286,9 @@ class LoraLinear {
     return d;
   }
 
-  // W += s·B·A. No-op when merged.
+  // W += s·B·A. No-op when merged or when adapters are disabled (nothing active to merge).
   void merge() {
-    if (merged_) return;
-    check_enabled("merge");
+    if (merged_ || disabled_) return;
     begin_merge();
     add_delta(writable_weight(), Scalar(1));
     merged_ = true;
@@ -298,8 +297,7 @@ class LoraLinear {
   // As merge(), but computes the merged weight first and throws, changing nothing, if any value
   // is not finite.
   void safe_merge() {
-    if (merged_) return;
-    check_enabled("safe_merge");
+    if (merged_ || disabled_) return;
     Mat merged = weight();
     MatMap m(merged.data(), w_rows_, w_cols_);
     add_delta(m, Scalar(1));
@@ -396,10 +394,6 @@ class LoraLinear {
       w.noalias() += (sign * s_) * A_.transpose() * B_.transpose();
     else
       w.noalias() += (sign * s_) * B_ * A_;
-  }
-
-  void check_enabled(const char* fn) const {
-    if (disabled_) detail::fail("LoraLinear::", fn, ": adapters are disabled; enable_adapters(true) first");
   }
 
   void check_input(const char* fn, const MatRef& x) const {

@@ -1,0 +1,141 @@
+#include <lora/encoder.hpp>
+
+#include "test_util.hpp"
+
+#include <gtest/gtest.h>
+
+using lora::EncoderBlock;
+using lora::EncoderConfig;
+using MatD = lora::Mat<double>;
+
+namespace {
+
+MatD random_mat(lora::Index r, lora::Index c, std::uint64_t seed, double scale = 1.0) {
+  lora::detail::Rng rng(seed);
+  MatD m(r, c);
+  for (lora::Index i = 0; i < m.size(); ++i) m.data()[i] = scale * (2 * rng.uniform() - 1);
+  return m;
+}
+
+EncoderConfig make_config(std::vector<std::string> targets, int adapter_rank, double adapter_dropout = 0) {
+  EncoderConfig c;
+  c.heads = 2;
+  c.d_ff = 12;
+  c.lora.r = 3;
+  c.lora.alpha = 6;
+  c.target_modules = std::move(targets);
+  c.adapter_rank = adapter_rank;
+  c.adapter_dropout = adapter_dropout;
+  c.seed = 11;
+  return c;
+}
+
+// Gives every enabled B and the adapter's V values, so that every gradient is exercised.
+void randomize_updates(EncoderBlock<double>& b) {
+  std::uint64_t s = 100;
+  for (auto& p : b.parameters())
+    if (p.name.find("lora_B") != std::string::npos || p.name == "adapter.V") p.value = random_mat(p.value.rows(), p.value.cols(), ++s, 0.5);
+}
+
+// Central differences in double for every trainable tensor and for dX.
+void check_gradients(EncoderBlock<double>& block, const MatD& x, lora::Index batch, const lora::AttentionMask<double>& mask) {
+  const MatD dy = random_mat(x.rows(), x.cols(), 77);
+  auto loss = [&](const MatD& xin) {
+    block.reseed(5);
+    return (block.forward_train(xin, batch, mask).array() * dy.array()).sum();
+  };
+  block.zero_grad();
+  block.reseed(5);
+  block.forward_train(x, batch, mask);
+  const MatD dx = block.backward(dy);
+  const double eps = 1e-6;
+  int checked = 0;
+  for (auto& p : block.parameters())
+    for (lora::Index i = 0; i < p.value.size(); ++i) {
+      double& v = p.value.data()[i];
+      const double keep = v;
+      v = keep + eps;
+      const double lp = loss(x);
+      v = keep - eps;
+      const double lm = loss(x);
+      v = keep;
+      ASSERT_NEAR(p.grad.data()[i], (lp - lm) / (2 * eps), 2e-7) << p.name << " element " << i;
+      ++checked;
+    }
+  for (lora::Index i = 0; i < x.size(); ++i) {
+    MatD xp = x, xm = x;
+    xp.data()[i] += eps;
+    xm.data()[i] -= eps;
+    ASSERT_NEAR(dx.data()[i], (loss(xp) - loss(xm)) / (2 * eps), 2e-7) << "x element " << i;
+    ++checked;
+  }
+  EXPECT_GT(checked, 100);
+}
+
+}  // namespace
+
+TEST(Encoder, LoraAndAdapterGradientsMatchFiniteDifferences) {
+  EncoderBlock<double> block(8, make_config({"q_proj", "v_proj", "fc1"}, 2, 0.3));
+  randomize_updates(block);
+  std::vector<std::string> names;
+  for (auto& p : block.parameters()) names.push_back(p.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"attn.q_proj.lora_A", "attn.q_proj.lora_B", "attn.v_proj.lora_A", "attn.v_proj.lora_B",
+                                             "adapter.U", "adapter.V", "fc1.lora_A", "fc1.lora_B"}));
+  lora::AttentionMask<double> causal;
+  causal.causal = true;
+  check_gradients(block, random_mat(2 * 3, 8, 1), 2, causal);
+}
+
+TEST(Encoder, FullTrainingGradientsMatchFiniteDifferences) {
+  EncoderBlock<double> block(8, make_config({"o_proj", "fc2"}, 0));
+  randomize_updates(block);
+  block.set_base_trainable(true);
+  // LayerNorms: move γ and β off 1 and 0 so their gradients are not special.
+  block.ln1().gamma() = random_mat(8, 1, 3).col(0).array() + 1.0;
+  block.ln2().beta() = random_mat(8, 1, 4).col(0);
+  lora::Index n = 0;
+  for (auto& p : block.parameters()) n += p.value.size();
+  EXPECT_EQ(n, block.parameter_count());  // everything trains
+  check_gradients(block, random_mat(2 * 4, 8, 2), 2, {});
+}
+
+TEST(Encoder, FreshAdaptersChangeNothing) {
+  const MatD x = random_mat(6, 8, 1);
+  const EncoderBlock<double> plain(8, make_config({}, 0));
+  const EncoderBlock<double> adapted(8, make_config({"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 4));
+  EXPECT_EQ(plain.forward(x, 2), adapted.forward(x, 2));  // B = 0 and V = 0, same base weights
+}
+
+TEST(Encoder, LoraTrainingLeavesBaseWeightsUnchangedAndMergeAgrees) {
+  EncoderBlock<float> block(16, [] {
+    auto c = make_config({"q_proj", "v_proj", "fc1", "fc2"}, 0);
+    c.heads = 4;
+    c.lora.dropout = 0.1;
+    return c;
+  }());
+  const lora::Mat<float> W0 = block.fc1().weight(), Q0 = block.attention().lora(lora::LoraAttention<float>::q)->weight();
+  const lora::Mat<float> x = random_mat(8, 16, 1).cast<float>(), target = random_mat(8, 16, 2).cast<float>();
+  double first = 0, last = 0;
+  for (int step = 0; step < 50; ++step) {
+    const lora::Mat<float> err = block.forward_train(x, 2) - target;
+    (step == 0 ? first : last) = err.squaredNorm() / err.size();
+    block.zero_grad();
+    block.backward(2.0f / err.size() * err);  // mean squared error
+    for (auto& p : block.parameters()) p.value -= 0.2f * p.grad;
+  }
+  EXPECT_LT(last, 0.9 * first);  // LoRA alone fits part of the target
+  EXPECT_EQ(block.fc1().weight(), W0);
+  EXPECT_EQ(block.attention().lora(lora::LoraAttention<float>::q)->weight(), Q0);
+  const lora::Mat<float> y = block.forward(x, 2);
+  block.merge();
+  EXPECT_LE((block.forward(x, 2) - y).cwiseAbs().maxCoeff(), 1e-5f * y.cwiseAbs().maxCoeff());
+  block.unmerge();
+}
+
+TEST(Encoder, InvalidInputsThrow) {
+  EXPECT_LORA_ERROR(EncoderBlock<double>(8, make_config({"up_proj"}, 0)), "unknown target module 'up_proj'");
+  EXPECT_LORA_ERROR(EncoderBlock<double>(8, make_config({}, 0, 1.0)), "adapter_dropout is 1");
+  EncoderBlock<double> block(8, make_config({}, 0));
+  EXPECT_LORA_ERROR(block.forward(MatD::Zero(3, 7), 1), "EncoderBlock::forward: X is (3, 7), expected (n, 8)");
+  EXPECT_LORA_ERROR(block.backward(MatD::Zero(3, 8)), "no forward_train");
+}
