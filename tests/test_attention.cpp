@@ -65,36 +65,13 @@ void check_finite_differences(Att& att, const MatD& x, const MatD& ctx, Eigen::I
   const auto g = att.backward(dy);
   const MatD dx = self ? g.self() : g.d_query;
   const MatD dctx = g.context();
-  const double eps = 1e-6, tol = 1e-7;
-  int checked = 0;
-  for (auto& p : att.parameters())
-    for (Eigen::Index i = 0; i < p.value.size(); ++i) {
-      double& v = p.value.data()[i];
-      const double keep = v;
-      v = keep + eps;
-      const double lp = loss(x, ctx);
-      v = keep - eps;
-      const double lm = loss(x, ctx);
-      v = keep;
-      EXPECT_NEAR(p.grad.data()[i], (lp - lm) / (2 * eps), tol) << p.name << " element " << i;
-      ++checked;
-    }
-  for (Eigen::Index i = 0; i < x.size(); ++i) {
-    MatD xp = x, xm = x;
-    xp.data()[i] += eps;
-    xm.data()[i] -= eps;
-    const double fd = self ? (loss(xp, xp) - loss(xm, xm)) / (2 * eps) : (loss(xp, ctx) - loss(xm, ctx)) / (2 * eps);
-    EXPECT_NEAR(dx.data()[i], fd, tol) << "x element " << i;
-    ++checked;
-  }
-  if (!self)
-    for (Eigen::Index i = 0; i < ctx.size(); ++i) {
-      MatD cp = ctx, cm = ctx;
-      cp.data()[i] += eps;
-      cm.data()[i] -= eps;
-      EXPECT_NEAR(dctx.data()[i], (loss(x, cp) - loss(x, cm)) / (2 * eps), tol) << "context element " << i;
-      ++checked;
-    }
+  const double tol = 1e-7;
+  int checked = expect_parameter_gradients(att.parameters(), [&] { return loss(x, ctx); }, tol);
+  if (self)
+    checked += expect_input_gradient(x, dx, [&](const MatD& xs) { return loss(xs, xs); }, tol);
+  else
+    checked += expect_input_gradient(x, dx, [&](const MatD& xq) { return loss(xq, ctx); }, tol) +
+               expect_input_gradient(ctx, dctx, [&](const MatD& c) { return loss(x, c); }, tol, "context");
   EXPECT_GT(checked, 50);
 }
 

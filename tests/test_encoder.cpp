@@ -48,27 +48,8 @@ void check_gradients(EncoderBlock<double>& block, const MatD& x, lora::Index bat
   block.reseed(5);
   block.forward_train(x, batch, mask);
   const MatD dx = block.backward(dy);
-  const double eps = 1e-6;
-  int checked = 0;
-  for (auto& p : block.parameters())
-    for (lora::Index i = 0; i < p.value.size(); ++i) {
-      double& v = p.value.data()[i];
-      const double keep = v;
-      v = keep + eps;
-      const double lp = loss(x);
-      v = keep - eps;
-      const double lm = loss(x);
-      v = keep;
-      ASSERT_NEAR(p.grad.data()[i], (lp - lm) / (2 * eps), 2e-7) << p.name << " element " << i;
-      ++checked;
-    }
-  for (lora::Index i = 0; i < x.size(); ++i) {
-    MatD xp = x, xm = x;
-    xp.data()[i] += eps;
-    xm.data()[i] -= eps;
-    ASSERT_NEAR(dx.data()[i], (loss(xp) - loss(xm)) / (2 * eps), 2e-7) << "x element " << i;
-    ++checked;
-  }
+  int checked = expect_parameter_gradients(block.parameters(), [&] { return loss(x); }, 2e-7);
+  checked += expect_input_gradient(x, dx, loss, 2e-7);
   EXPECT_GT(checked, 100);
 }
 

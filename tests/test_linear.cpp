@@ -175,28 +175,8 @@ void check_finite_differences(LoraLinear<double>& layer, MatD x) {
   layer.reseed(7);
   layer.forward_train(x);
   const MatD dx = layer.backward(dy);
-  const double eps = 1e-6;
-  int checked = 0;
-  for (auto& p : layer.parameters()) {
-    for (Eigen::Index i = 0; i < p.value.size(); ++i) {
-      double& v = p.value.data()[i];
-      const double keep = v;
-      v = keep + eps;
-      double lp = loss(x);
-      v = keep - eps;
-      double lm = loss(x);
-      v = keep;
-      EXPECT_NEAR(p.grad.data()[i], (lp - lm) / (2 * eps), 1e-7) << p.name << " element " << i;
-      ++checked;
-    }
-  }
-  for (Eigen::Index i = 0; i < x.size(); ++i) {
-    MatD xp = x, xm = x;
-    xp.data()[i] += eps;
-    xm.data()[i] -= eps;
-    EXPECT_NEAR(dx.data()[i], (loss(xp) - loss(xm)) / (2 * eps), 1e-7) << "x element " << i;
-    ++checked;
-  }
+  int checked = expect_parameter_gradients(layer.parameters(), [&] { return loss(x); }, 1e-7);
+  checked += expect_input_gradient(x, dx, loss, 1e-7);
   EXPECT_GT(checked, 50);
 }
 

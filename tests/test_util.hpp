@@ -2,6 +2,7 @@
 #pragma once
 
 #include <lora/error.hpp>
+#include <lora/types.hpp>
 
 #include <gtest/gtest.h>
 
@@ -28,3 +29,36 @@ inline ::testing::AssertionResult message_has(const std::string& msg, std::initi
   } while (0)
 
 inline std::string data_path(const std::string& rel) { return std::string(LORA_TEST_DATA) + "/" + rel; }
+
+// Central differences (step eps) of loss() over every element of every parameter (anything with
+// name, value and grad), each expected within tol of its gradient. Returns how many were checked.
+template <class Params, class Loss>
+int expect_parameter_gradients(Params params, Loss loss, double tol, double eps = 1e-6) {
+  int checked = 0;
+  for (auto& p : params)
+    for (Eigen::Index i = 0; i < p.value.size(); ++i) {
+      double& v = p.value.data()[i];
+      const double keep = v;
+      v = keep + eps;
+      const double lp = loss();
+      v = keep - eps;
+      const double lm = loss();
+      v = keep;
+      EXPECT_NEAR(p.grad.data()[i], (lp - lm) / (2 * eps), tol) << p.name << " element " << i;
+      ++checked;
+    }
+  return checked;
+}
+
+// Central differences of loss(x') over every element of x, expected within tol of dx.
+template <class Loss>
+int expect_input_gradient(const lora::Mat<double>& x, const lora::Mat<double>& dx, Loss loss, double tol,
+                          const char* name = "x", double eps = 1e-6) {
+  for (Eigen::Index i = 0; i < x.size(); ++i) {
+    lora::Mat<double> xp = x, xm = x;
+    xp.data()[i] += eps;
+    xm.data()[i] -= eps;
+    EXPECT_NEAR(dx.data()[i], (loss(xp) - loss(xm)) / (2 * eps), tol) << name << " element " << i;
+  }
+  return static_cast<int>(x.size());
+}
