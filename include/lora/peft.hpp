@@ -283,15 +283,12 @@ inline std::string PeftConfig::to_json() const {
   j["alpha_pattern"] = nlohmann::json::object();
   for (const auto& [k, v] : alpha_pattern) j["alpha_pattern"][k] = number(v);
   // PEFT's defaults for the fields a fresh config must have.
-  for (const char* name : {"bias"})
-    if (!j.contains(name)) j[name] = "none";
-  for (const char* name : {"use_dora"})
-    if (!j.contains(name)) j[name] = false;
-  if (!j.contains("init_lora_weights")) j["init_lora_weights"] = true;
-  if (!j.contains("inference_mode")) j["inference_mode"] = true;
-  for (const char* name : {"modules_to_save", "base_model_name_or_path", "task_type", "revision",
-                           "layers_to_transform", "layers_pattern"})
-    if (!j.contains(name)) j[name] = nullptr;
+  const nlohmann::json defaults = {{"bias", "none"}, {"use_dora", false}, {"init_lora_weights", true},
+                                   {"inference_mode", true}, {"modules_to_save", nullptr},
+                                   {"base_model_name_or_path", nullptr}, {"task_type", nullptr}, {"revision", nullptr},
+                                   {"layers_to_transform", nullptr}, {"layers_pattern", nullptr}};
+  for (const auto& [key, value] : defaults.items())
+    if (!j.contains(key)) j[key] = value;
   return j.dump(2);
 }
 
