@@ -120,3 +120,32 @@ TEST(Layers, PatchesAreTilesInReadingOrder) {
   EXPECT_EQ(p, expect);
   EXPECT_LORA_ERROR(lora::patches<double>(img, 4, 3), "side 4 divisible by patch 3");
 }
+
+TEST(Layers, PatchEmbeddingProjectsTilesAddsPositionsAndItsGradientsMatchFiniteDifferences) {
+  lora::PatchEmbedding<double> emb(4, 2, 3, 5);  // 4×4 images, 2×2 patches -> 4 tokens of d 3
+  ASSERT_EQ(emb.tiles(), 4);
+  const MatD images = random_mat(2, 16, 6);
+  const MatD y = emb.forward(images);
+  ASSERT_EQ(y.rows(), 8);
+  // Token 3 of image 1 (rows 2..3, cols 2..3 of the image) by hand.
+  VecD tile(4);
+  tile << images(1, 10), images(1, 11), images(1, 14), images(1, 15);
+  const VecD expect = emb.proj().weight() * tile + emb.proj().bias() + emb.position().row(3).transpose();
+  EXPECT_LT((y.row(7).transpose() - expect).cwiseAbs().maxCoeff(), 1e-15);
+
+  const MatD dy = random_mat(8, 3, 7);
+  emb.zero_grad();
+  emb.forward_train(images);
+  emb.backward(dy);
+  const auto params = emb.parameters();
+  ASSERT_EQ(params.size(), 3u);
+  EXPECT_EQ(params[2].name, "position");
+  const int checked = expect_parameter_gradients(params, [&] { return (emb.forward(images).array() * dy.array()).sum(); }, 1e-8);
+  EXPECT_EQ(checked, 3 * 4 + 3 + 4 * 3);
+
+  lora::PatchEmbedding<double> frozen(4, 2, 3, 5, false);
+  EXPECT_TRUE(frozen.parameters().empty());
+  EXPECT_LORA_ERROR(frozen.backward(dy), "PatchEmbedding::backward", "forward_train first");
+  EXPECT_LORA_ERROR(lora::PatchEmbedding<double>(5, 2, 3, 1), "PatchEmbedding: side 5, patch 2", "divisible");
+  EXPECT_LORA_ERROR(emb.forward(MatD::Zero(1, 15)), "patches: images are (1, 15)");
+}

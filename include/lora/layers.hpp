@@ -1,12 +1,13 @@
 // The plain layers a model around LoRA layers needs, each with forward and backward side by
 // side: Linear (trainable or frozen; heads and full fine-tuning), LayerNorm, GELU (exact, erf),
-// ReLU, mean pooling over each sequence, and a patch embedding for images.
+// ReLU, mean pooling over each sequence, and a patch embedding for images (ViT).
 //
 // Same conventions as LoraLinear: tokens are rows; forward is const; forward_train keeps what
 // backward needs in a small cache; backward accumulates parameter gradients (only when the layer
 // is trainable) and returns the input gradient.
 #pragma once
 
+#include <lora/detail/random.hpp>
 #include <lora/error.hpp>
 #include <lora/linear.hpp>
 #include <lora/types.hpp>
@@ -258,5 +259,95 @@ Mat<Scalar> patches(const MatRef<Scalar>& images, Index side, Index patch) {
               images.row(b).segment((ty * patch + y) * side + tx * patch, patch);
   return out;
 }
+
+// ViT patch embedding: cut square images into tiles (patches()), project each tile with a
+// Linear (patch² -> d) and add a learned position row per tile.
+//   images (batch, side²) -> (batch·tiles, d),  tokens of image b are rows b·tiles .. b·tiles+tiles−1
+// backward: dW, db as Linear; dpos += Σ_images dy (pixels need no gradient, so none is returned).
+// Initialisation from the seed: W, b as nn.Linear (uniform ±1/√patch²), position N(0, 0.02²).
+template <class Scalar>
+class PatchEmbedding {
+ public:
+  using Mat = lora::Mat<Scalar>;
+  using MatRef = lora::MatRef<Scalar>;
+
+  PatchEmbedding(Index side, Index patch, Index d, std::uint64_t seed, bool trainable = true)
+      : side_(side), patch_(patch), proj_(init(side, patch, d, seed, trainable)) {
+    detail::Rng rng(seed + 1);
+    pos_.resize(tiles(), d);
+    for (Index i = 0; i < pos_.size(); ++i) pos_.data()[i] = static_cast<Scalar>(0.02 * rng.normal());
+    g_pos_ = Mat::Zero(tiles(), d);
+    trainable_ = trainable;
+  }
+
+  Index side() const { return side_; }
+  Index patch() const { return patch_; }
+  Index tiles() const { return (side_ / patch_) * (side_ / patch_); }
+  Index d_model() const { return proj_.out_features(); }
+  Linear<Scalar>& proj() { return proj_; }
+  Mat& position() { return pos_; }
+  void set_trainable(bool t) {
+    proj_.set_trainable(t);
+    trainable_ = t;
+  }
+
+  Mat forward(const MatRef& images) const { return add_position(proj_.forward(patches<Scalar>(images, side_, patch_))); }
+
+  Mat forward_train(const MatRef& images) {
+    Mat y = add_position(proj_.forward_train(patches<Scalar>(images, side_, patch_)));
+    valid_ = true;
+    return y;
+  }
+
+  void backward(const MatRef& dy) {
+    if (!valid_) detail::fail("PatchEmbedding::backward: no forward_train to go back through (call forward_train first)");
+    if (dy.cols() != d_model() || dy.rows() % tiles() != 0)
+      detail::fail("PatchEmbedding::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected (batch·", tiles(),
+                   ", ", d_model(), ")");
+    proj_.backward(dy);  // fills dW, db; its dx (pixels) is not needed
+    if (trainable_)
+      for (Index b = 0; b < dy.rows() / tiles(); ++b) g_pos_ += dy.middleRows(b * tiles(), tiles());
+    valid_ = false;
+  }
+
+  void zero_grad() {
+    proj_.zero_grad();
+    g_pos_.setZero();
+  }
+
+  // "proj.weight", "proj.bias", "position"; empty when frozen.
+  std::vector<Parameter<Scalar>> parameters() {
+    std::vector<Parameter<Scalar>> ps;
+    if (!trainable_) return ps;
+    for (auto& p : proj_.parameters()) ps.push_back({"proj." + p.name, p.value, p.grad});
+    ps.push_back({"position", MatMap<Scalar>(pos_.data(), pos_.rows(), pos_.cols()), MatMap<Scalar>(g_pos_.data(), pos_.rows(), pos_.cols())});
+    return ps;
+  }
+
+  Index parameter_count() const { return proj_.parameter_count() + pos_.size(); }
+
+ private:
+  static Linear<Scalar> init(Index side, Index patch, Index d, std::uint64_t seed, bool trainable) {
+    if (patch < 1 || side < 1 || side % patch != 0 || d < 1)
+      detail::fail("PatchEmbedding: side ", side, ", patch ", patch, ", d ", d, ": expected side divisible by patch and d >= 1");
+    detail::Rng rng(seed);
+    const double bound = 1.0 / static_cast<double>(patch);  // 1/√(patch²)
+    Mat W(d, patch * patch);
+    Vec<Scalar> b(d);
+    for (Index i = 0; i < W.size(); ++i) W.data()[i] = static_cast<Scalar>((2 * rng.uniform() - 1) * bound);
+    for (Index i = 0; i < b.size(); ++i) b(i) = static_cast<Scalar>((2 * rng.uniform() - 1) * bound);
+    return Linear<Scalar>(std::move(W), std::move(b), trainable);
+  }
+
+  Mat add_position(Mat y) const {
+    for (Index b = 0; b < y.rows() / tiles(); ++b) y.middleRows(b * tiles(), tiles()) += pos_;
+    return y;
+  }
+
+  Index side_, patch_;
+  Linear<Scalar> proj_;
+  Mat pos_, g_pos_;
+  bool trainable_ = true, valid_ = false;
+};
 
 }  // namespace lora
