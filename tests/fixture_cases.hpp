@@ -7,6 +7,7 @@
 #pragma once
 
 #include <lora/attention.hpp>
+#include <lora/embedding.hpp>
 #include <lora/linear.hpp>
 #include <lora/safetensors.hpp>
 
@@ -97,6 +98,30 @@ struct Checker {
     compare(fan ? "weight_in_out (unmerged)" : "weight_unmerged", layer.weight(), fan ? wname : "weight_unmerged");
   }
 
+  // kind "embedding": nn.Embedding with lora_embedding_A (r, vocab), lora_embedding_B (dim, r)
+  void embedding(const nlohmann::json& c) const {
+    lora::LoraConfig cfg;
+    cfg.r = c["r"].get<int>();
+    cfg.alpha = c["alpha"].get<double>();
+    cfg.use_rslora = c.value("use_rslora", false);
+    lora::LoraEmbedding<Scalar> layer(get("weight"), cfg);
+    layer.set_lora_A(get("lora_embedding_A"));
+    layer.set_lora_B(get("lora_embedding_B"));
+    report.comparisons.push_back({name, "scaling", std::abs(double(layer.scaling()) - c["scaling"].get<double>()),
+                                  std::is_same_v<Scalar, double> ? 1e-12 : 1e-6});
+    const lora::Mat<std::int64_t> id_mat = st.integers("ids");
+    const std::vector<std::int64_t> ids(id_mat.data(), id_mat.data() + id_mat.size());
+    compare("y (eval forward)", layer.forward(ids), "y");
+    compare("y (train forward)", layer.forward_train(ids), "y");
+    layer.backward(get("dy"));
+    compare("grad_lora_embedding_A", layer.grad_A(), "grad_lora_embedding_A");
+    compare("grad_lora_embedding_B", layer.grad_B(), "grad_lora_embedding_B");
+    layer.merge();
+    compare("y (merged forward)", layer.forward(ids), "y");
+    layer.unmerge();
+    compare("weight (unmerged)", layer.weight(), "weight");
+  }
+
   // kind "attention": self or cross, causal and/or key padding, LoRA on any of q, k, v, o
   void attention(const nlohmann::json& c) const {
     lora::AttentionWeights<Scalar> w;
@@ -174,6 +199,12 @@ inline Report check_file(const std::string& path) {
     report.supported = true;
     Checker<double>{st, report}.attention(c);
     Checker<float>{st, report}.attention(c);
+    return report;
+  }
+  if (report.kind == "embedding") {
+    report.supported = true;
+    Checker<double>{st, report}.embedding(c);
+    Checker<float>{st, report}.embedding(c);
     return report;
   }
   report.note = "kind '" + report.kind + "' is not supported yet";

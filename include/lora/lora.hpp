@@ -3,6 +3,7 @@
 
 #include <lora/attention.hpp>
 #include <lora/dropout.hpp>
+#include <lora/embedding.hpp>
 #include <lora/encoder.hpp>
 #include <lora/error.hpp>
 #include <lora/idx.hpp>
