@@ -8,20 +8,13 @@ using Ids = std::vector<std::int64_t>;
 
 namespace {
 
-MatD random_mat(Eigen::Index r, Eigen::Index c, std::uint64_t seed) {
-  lora::detail::Rng rng(seed);
-  MatD m(r, c);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = rng.normal();
-  return m;
-}
-
 lora::LoraEmbedding<double> make(int r = 3, double alpha = 6) {
   lora::LoraConfig cfg;
   cfg.r = r;
   cfg.alpha = alpha;
   cfg.seed = 4;
-  lora::LoraEmbedding<double> e(random_mat(11, 5, 1), cfg);
-  e.set_lora_A(random_mat(r, 11, 2));
+  lora::LoraEmbedding<double> e(random_normal(11, 5, 1), cfg);
+  e.set_lora_A(random_normal(r, 11, 2));
   return e;
 }
 
@@ -37,7 +30,7 @@ TEST(Embedding, MatchesPeftFixture) {
 TEST(Embedding, FreshAdapterChangesNothingAsInPeft) {
   lora::LoraConfig cfg;
   cfg.r = 4;
-  const MatD W = random_mat(7, 3, 1);
+  const MatD W = random_normal(7, 3, 1);
   lora::LoraEmbedding<double> e(W, cfg);
   EXPECT_TRUE(e.lora_A().isZero(0));               // PEFT: A = 0 for embeddings
   EXPECT_GT(e.lora_B().cwiseAbs().maxCoeff(), 0.1);  // and B ~ N(0, 1)
@@ -56,7 +49,7 @@ TEST(Embedding, ForwardIsTheFormulaAndRepeatedIdsAccumulateGradients) {
     const Eigen::RowVectorXd expect = e.weight().row(id) + s * (e.lora_B() * e.lora_A().col(id)).transpose();
     EXPECT_LT((y.row(i) - expect).cwiseAbs().maxCoeff(), 1e-14);
   }
-  const MatD dy = random_mat(4, 5, 3);
+  const MatD dy = random_normal(4, 5, 3);
   e.forward_train(ids);
   e.backward(dy);
   // Finite differences of Σ dy ⊙ y over every element of A and B (id 3 appears twice).
@@ -73,9 +66,9 @@ TEST(Embedding, MergeAddsTheTransposedDeltaAndExactUnmergeRestoresW) {
   cfg.alpha = 4;
   cfg.use_rslora = true;
   cfg.exact_unmerge = true;
-  const MatD W = random_mat(9, 4, 1);
+  const MatD W = random_normal(9, 4, 1);
   lora::LoraEmbedding<double> e(W, cfg);
-  e.set_lora_A(random_mat(2, 9, 2));
+  e.set_lora_A(random_normal(2, 9, 2));
   const Ids ids = {8, 1, 1, 4};
   const MatD y = e.forward(ids);
   EXPECT_LT((e.delta_weight() - 4 / std::sqrt(2.0) * (e.lora_B() * e.lora_A()).transpose()).cwiseAbs().maxCoeff(), 1e-14);
@@ -104,9 +97,9 @@ TEST(Embedding, BadInputIsRefusedAndChangesNothing) {
   EXPECT_EQ(e.lora_A(), A);
   lora::LoraConfig bad;
   bad.r = 0;
-  EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(random_mat(3, 2, 1), bad), "LoraEmbedding: r is 0");
+  EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(random_normal(3, 2, 1), bad), "LoraEmbedding: r is 0");
   bad.r = 2;
   bad.alpha = -1;
-  EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(random_mat(3, 2, 1), bad), "LoraEmbedding: alpha is -1");
+  EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(random_normal(3, 2, 1), bad), "LoraEmbedding: alpha is -1");
   EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(MatD(0, 2), lora::LoraConfig{}), "LoraEmbedding: weight is (0, 2)");
 }

@@ -1,6 +1,7 @@
 // Small helpers shared by the tests.
 #pragma once
 
+#include <lora/detail/random.hpp>
 #include <lora/error.hpp>
 #include <lora/types.hpp>
 
@@ -27,6 +28,14 @@ inline ::testing::AssertionResult message_has(const std::string& msg, std::initi
       EXPECT_TRUE(message_has(e.what(), {__VA_ARGS__}));                  \
     }                                                                     \
   } while (0)
+
+// (r, c) of N(0, 1) values from seed.
+inline lora::Mat<double> random_normal(Eigen::Index r, Eigen::Index c, std::uint64_t seed) {
+  lora::detail::Rng rng(seed);
+  lora::Mat<double> m(r, c);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = rng.normal();
+  return m;
+}
 
 inline std::string data_path(const std::string& rel) { return std::string(LORA_TEST_DATA) + "/" + rel; }
 

@@ -108,6 +108,19 @@ class LoraLinear {
   // B (out, r). Refused while merged.
   void set_lora_B(const MatRef& b) { set_factor("set_lora_B", "B", b, B_); }
 
+  // Replaces the base weight, as stored ((out, in), or (in, out) with fan_in_fan_out); for
+  // initialisations that move part of W into A and B (PiSSA, OLoRA in svd.hpp). A writable
+  // borrow is written in place. Refused while merged and for a read-only borrow.
+  void set_weight(const MatRef& w) {
+    if (merged_) detail::fail("LoraLinear::set_weight: the layer is merged; unmerge() before changing W");
+    if (w_borrow_ro_ && !use_own_)
+      detail::fail("LoraLinear::set_weight: W is a read-only borrow; construct the layer with an owned or writable W");
+    if (w.rows() != w_rows_ || w.cols() != w_cols_)
+      detail::fail("LoraLinear::set_weight: W is ", detail::shape(w.rows(), w.cols()), ", expected ", detail::shape(w_rows_, w_cols_));
+    writable_weight() = w;
+    cache_.valid = false;
+  }
+
   // PEFT's update_layer: a new adapter of config.r, config.alpha, ... with fresh A and B
   // (initialised as config.init says) and zero gradients; W and b are untouched. Refused while
   // merged, and for a config that changes fan_in_fan_out (how W is stored) or asks for a

@@ -14,4 +14,5 @@
 #include <lora/optim.hpp>
 #include <lora/peft.hpp>
 #include <lora/safetensors.hpp>
+#include <lora/svd.hpp>
 #include <lora/types.hpp>
