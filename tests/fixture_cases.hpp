@@ -75,11 +75,13 @@ struct Checker {
     cfg.alpha = c["alpha"].get<double>();
     cfg.use_rslora = c.value("use_rslora", false);
     cfg.fan_in_fan_out = fan;
+    cfg.use_dora = c.value("use_dora", false);
     std::optional<lora::Vec<Scalar>> bias;
     if (st.contains("bias")) bias = st.vector<Scalar>("bias");
     lora::LoraLinear<Scalar> layer(get(wname), bias, cfg);
     layer.set_lora_A(get("lora_A"));
     layer.set_lora_B(get("lora_B"));
+    if (cfg.use_dora) layer.set_lora_magnitude(st.vector<Scalar>("lora_magnitude"));
     report.comparisons.push_back({name, "scaling", std::abs(double(layer.scaling()) - c["scaling"].get<double>()),
                                   std::is_same_v<Scalar, double> ? 1e-12 : 1e-6});
 
@@ -89,6 +91,7 @@ struct Checker {
     compare("grad_x", layer.backward(get("dy")), "grad_x");
     compare("grad_lora_A", layer.grad_A(), "grad_lora_A");
     compare("grad_lora_B", layer.grad_B(), "grad_lora_B");
+    if (cfg.use_dora) compare("grad_lora_magnitude", lora::Mat<Scalar>(layer.grad_magnitude().transpose()), "grad_lora_magnitude");
     const std::string merged_name = fan ? "weight_in_out_merged" : "weight_merged";
     layer.safe_merge();
     compare(merged_name, layer.weight(), merged_name);
@@ -186,10 +189,6 @@ inline Report check_file(const std::string& path) {
   const auto c = nlohmann::json::parse(meta->second);
   report.kind = c.value("kind", "?");
   if (report.kind == "linear" || report.kind == "linear_fan_in_fan_out") {
-    if (c.value("use_dora", false)) {
-      report.note = "DoRA (use_dora) is not supported yet";
-      return report;
-    }
     report.supported = true;
     Checker<double>{st, report}.linear(c);
     Checker<float>{st, report}.linear(c);

@@ -67,11 +67,11 @@ TEST_P(LinearFixture, MatchesPeft) {
 INSTANTIATE_TEST_SUITE_P(Linear, LinearFixture,
                          ::testing::Values("linear_basic", "linear_nobias_rslora", "linear_fan_in_fan_out"));
 
-TEST(Linear, DoraFixtureIsReportedUnsupported) {
+TEST(Linear, DoraMatchesPeft) {
   fixture::Report r = fixture::check_file(data_path("peft/linear_dora.safetensors"));
-  EXPECT_FALSE(r.supported);
-  EXPECT_FALSE(r.ok());
-  EXPECT_NE(r.note.find("DoRA"), std::string::npos);
+  ASSERT_TRUE(r.supported) << r.note;
+  EXPECT_EQ(r.comparisons.size(), 2u * 10u);
+  for (const auto& c : r.comparisons) EXPECT_TRUE(c.ok()) << c.scalar << " " << c.what << ": " << c.error;
 }
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -475,4 +475,90 @@ TEST(Linear, OutputBufferMustNotAliasTheInput) {
   MatD dx;
   layer.backward(y, dx);  // the cache survived the refused call
   EXPECT_EQ(dx.rows(), 3);
+}
+
+// ---- DoRA -------------------------------------------------------------------------------------
+
+TEST(Dora, FreshLayerKeepsTheOutputAndTheNormNeedsNoDenseDelta) {
+  auto cfg = config(3, 6);
+  cfg.use_dora = true;
+  LoraLinear<double> fresh(random_mat<MatD>(5, 7, 1), random_mat<MatD>(5, 1, 3).col(0), cfg);
+  LoraConfig plain = config(3, 6);
+  LoraLinear<double> base(random_mat<MatD>(5, 7, 1), random_mat<MatD>(5, 1, 3).col(0), plain);
+  const MatD x = random_mat<MatD>(4, 7, 4);
+  EXPECT_LT(max_abs(fresh.forward(x) - base.forward(x)), 1e-14);  // m = ‖W‖ per row, B = 0
+  fresh.set_lora_B(random_mat<MatD>(5, 3, 2));
+  const MatD dense = MatD(fresh.weight()) + fresh.delta_weight();
+  EXPECT_LT((fresh.weight_norm() - dense.rowwise().norm()).cwiseAbs().maxCoeff(), 1e-13);
+}
+
+// Gradients of A, B, m and x by central differences of Σ dy ⊙ y, with the norm held at its
+// value (detached, as PEFT and the DoRA paper do): y = b + (m / norm0) ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ).
+TEST(Dora, GradientsMatchFiniteDifferencesWithTheNormDetached) {
+  for (bool fan : {false, true}) {
+    auto cfg = config(3, 6);
+    cfg.use_dora = true;
+    cfg.fan_in_fan_out = fan;
+    const MatD W = random_mat<MatD>(5, 7, 1);
+    LoraLinear<double> layer(fan ? MatD(W.transpose()) : W, random_mat<MatD>(5, 1, 3).col(0), cfg);
+    layer.set_lora_A(random_mat<MatD>(3, 7, 5));
+    layer.set_lora_B(random_mat<MatD>(5, 3, 2, 0.5));
+    layer.set_lora_magnitude(random_mat<MatD>(5, 1, 6).col(0).cwiseAbs());
+    const VecD norm0 = layer.weight_norm();
+    const MatD x = random_mat<MatD>(4, 7, 7), dy = random_mat<MatD>(4, 5, 8);
+    auto formula = [&](const MatD& xx) {
+      MatD z = xx * W.transpose() + layer.scaling() * (xx * layer.lora_A().transpose()) * layer.lora_B().transpose();
+      z.array().rowwise() *= layer.lora_magnitude().cwiseQuotient(norm0).transpose().array();
+      return MatD(z.rowwise() + layer.bias().transpose());
+    };
+    EXPECT_LT(max_abs(formula(x) - layer.forward(x)), 1e-13);
+    layer.zero_grad();
+    layer.forward_train(x);
+    const MatD dx = layer.backward(dy);
+    auto params = layer.parameters();
+    ASSERT_EQ(params.size(), 3u);
+    EXPECT_EQ(params[2].name, "lora_magnitude_vector");
+    const int n = expect_parameter_gradients(params, [&] { return (formula(x).array() * dy.array()).sum(); }, 1e-8);
+    EXPECT_EQ(n, 3 * 7 + 5 * 3 + 5);
+    expect_input_gradient(x, dx, [&](const MatD& xx) { return (formula(xx).array() * dy.array()).sum(); }, 1e-8);
+  }
+}
+
+TEST(Dora, MergeAndUnmergeInBothLayoutsAndRefusals) {
+  for (bool fan : {false, true})
+    for (bool exact : {false, true}) {
+      auto cfg = config(2, 4);
+      cfg.use_dora = true;
+      cfg.fan_in_fan_out = fan;
+      cfg.exact_unmerge = exact;
+      const MatD W = random_mat<MatD>(6, 5, 1);
+      const MatD stored = fan ? MatD(W.transpose()) : W;
+      LoraLinear<double> layer(stored, std::nullopt, cfg);
+      layer.set_lora_A(random_mat<MatD>(2, 5, 2));
+      layer.set_lora_B(random_mat<MatD>(6, 2, 3));
+      layer.set_lora_magnitude(random_mat<MatD>(6, 1, 4).col(0).cwiseAbs());
+      const MatD x = random_mat<MatD>(3, 5, 5);
+      const MatD y = layer.forward(x);
+      layer.merge();
+      EXPECT_LT(max_abs(layer.forward(x) - y), 1e-13);
+      EXPECT_LORA_ERROR(layer.set_lora_magnitude(VecD::Ones(6)), "set_lora_magnitude", "merged");
+      layer.unmerge();
+      if (exact)
+        EXPECT_TRUE(same_bytes(stored, layer.weight()));
+      else
+        EXPECT_LT(max_abs(MatD(layer.weight()) - stored), 1e-13);
+      EXPECT_LT(max_abs(layer.forward(x) - y), 1e-13);
+    }
+  auto cfg = config(2, 4, 0.1);
+  cfg.use_dora = true;
+  EXPECT_LORA_ERROR(make_layer(5, 6, cfg), "use_dora with dropout 0.1 is not supported");
+  cfg.dropout = 0;
+  auto layer = make_layer(5, 6, cfg);
+  EXPECT_LORA_ERROR(layer.set_lora_magnitude(VecD::Ones(5)), "set_lora_magnitude: m is (5), expected (6)");
+  EXPECT_LORA_ERROR(layer.set_base_trainable(true), "set_base_trainable", "DoRA");
+  auto plain = make_layer(5, 6, config(2, 4));
+  EXPECT_LORA_ERROR(plain.set_lora_magnitude(VecD::Ones(6)), "does not use DoRA");
+  plain.set_base_trainable(true);
+  EXPECT_LORA_ERROR(plain.update_layer(cfg), "update_layer", "use_dora", "base trains");
+  EXPECT_TRUE(plain.lora_magnitude().size() == 0);
 }

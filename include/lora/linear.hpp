@@ -49,6 +49,7 @@ struct LoraConfig {
   std::uint64_t seed = 0;       // for init and dropout masks
   bool fan_in_fan_out = false;  // W is given as (in, out), GPT-2 Conv1D style
   bool exact_unmerge = false;   // keep W while merged so unmerge restores it bit-for-bit
+  bool use_dora = false;        // DoRA: a trainable magnitude per output (PEFT's use_dora)
 
   double scaling() const { return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r; }
 };
@@ -103,6 +104,34 @@ class LoraLinear {
   const Mat& grad_B() const { return grad_B_; }
   const Vec& grad_bias() const { return grad_bias_; }  // size 0 unless BiasMode::trainable or base_trainable()
 
+  // ---- DoRA (config.use_dora) ------------------------------------------------------------
+  // PEFT's DoRA: a magnitude m (out), initialised to the norms below, rescales every output:
+  //   norm = ‖W + s·B·A‖ per output row (L2 over in), c = m / norm
+  //   y = b + c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ)          (PEFT: x·Wᵀ + b + (c − 1)⊙x·Wᵀ + c⊙s·(x·Aᵀ)·Bᵀ)
+  // norm is a constant in backward (detached, DoRA paper §4.3): with z = x·Wᵀ + s·t·Bᵀ,
+  //   dm += Σ_rows dy ⊙ z / norm, and A, B, x get the plain LoRA gradients of dy ⊙ c.
+  // Merged, W' = c ⊙_rows (W + s·B·A). norm is computed as ‖w‖² + 2s·w·(Aᵀb) + s²·bᵀ(A·Aᵀ)b
+  // per row, so no (out, in) matrix is formed. Not supported with dropout or a trainable base.
+  bool use_dora() const { return config_.use_dora; }
+  const Vec& lora_magnitude() const { return m_; }  // size 0 without DoRA
+  const Vec& grad_magnitude() const { return grad_m_; }
+  void set_lora_magnitude(const Vec& m) {
+    if (!config_.use_dora) detail::fail("LoraLinear::set_lora_magnitude: the layer does not use DoRA (config.use_dora)");
+    if (merged_) detail::fail("LoraLinear::set_lora_magnitude: the layer is merged; unmerge() before changing m");
+    if (m.size() != out_) detail::fail("LoraLinear::set_lora_magnitude: m is (", m.size(), "), expected (", out_, ")");
+    m_ = m;
+  }
+
+  // ‖W + s·B·A‖ per output row (W unmerged).
+  Vec weight_norm() const {
+    const Mat wa = config_.fan_in_fan_out ? Mat((A_ * weight()).transpose()) : Mat(weight() * A_.transpose());  // (out, r)
+    const Mat aat = A_ * A_.transpose();
+    const Vec w2 = config_.fan_in_fan_out ? Vec(weight().colwise().squaredNorm().transpose()) : Vec(weight().rowwise().squaredNorm());
+    const Vec cross = (wa.array() * B_.array()).rowwise().sum();
+    const Vec quad = ((B_ * aat).array() * B_.array()).rowwise().sum();
+    return (w2 + Scalar(2) * s_ * cross + s_ * s_ * quad).cwiseMax(Scalar(0)).cwiseSqrt();
+  }
+
   // A (r, in). Refused while merged (W would no longer match).
   void set_lora_A(const MatRef& a) { set_factor("set_lora_A", "A", a, A_); }
   // B (out, r). Refused while merged.
@@ -134,6 +163,7 @@ class LoraLinear {
                    config_.fan_in_fan_out);
     if (config.bias == BiasMode::trainable && !has_bias_)
       detail::fail(where, "bias mode is trainable but the layer has no bias");
+    if (config.use_dora && train_base_) detail::fail(where, "use_dora is not supported while the base trains");
     reset_adapter(config);
   }
 
@@ -153,6 +183,7 @@ class LoraLinear {
     if (on && merged_) detail::fail("LoraLinear::set_base_trainable: the layer is merged; unmerge() first");
     if (on && w_borrow_ro_ && !use_own_)
       detail::fail("LoraLinear::set_base_trainable: W is a read-only borrow; construct the layer with an owned or writable W");
+    if (on && config_.use_dora) detail::fail("LoraLinear::set_base_trainable: not supported with DoRA (use_dora)");
     train_base_ = on;
     grad_W_ = on ? Mat::Zero(w_rows_, w_cols_) : Mat();
     grad_bias_ = on || config_.bias == BiasMode::trainable ? Vec::Zero(has_bias_ ? out_ : 0) : Vec();
@@ -181,6 +212,10 @@ class LoraLinear {
       thread_local Mat t;
       t.noalias() = x * A_.transpose();
       y.noalias() += s_ * t * B_.transpose();
+      if (config_.use_dora) {
+        const Vec c = m_.cwiseQuotient(weight_norm());
+        rescale(y, c);
+      }
     }
   }
 
@@ -219,6 +254,13 @@ class LoraLinear {
     }
     c.t.noalias() = c.xd * A_.transpose();
     y.noalias() += s_ * c.t * B_.transpose();
+    if (config_.use_dora) {
+      c.norm = weight_norm();
+      c.c = m_.cwiseQuotient(c.norm);
+      c.z = y;
+      if (has_bias_) c.z.rowwise() -= bias_.transpose();
+      rescale(y, c.c);
+    }
   }
 
   Mat backward(const MatRef& dy) {
@@ -242,15 +284,21 @@ class LoraLinear {
       else
         grad_W_.noalias() += dy.transpose() * c.x;
     }
+    const bool dora = config_.use_dora && !disabled_;
+    if (dora) {  // dm += Σ_rows dy ⊙ z / norm; the rest is LoRA's backward of dy ⊙ c
+      grad_m_ += (dy.array() * c.z.array()).colwise().sum().matrix().transpose().cwiseQuotient(c.norm);
+      c.d = dy.array().rowwise() * c.c.transpose().array();
+    }
+    const MatRef e = dora ? MatRef(c.d) : dy;
     dx.resize(dy.rows(), in_);
     if (config_.fan_in_fan_out)
-      dx.noalias() = dy * weight().transpose();
+      dx.noalias() = e * weight().transpose();
     else
-      dx.noalias() = dy * weight();
+      dx.noalias() = e * weight();
     c.valid = false;
     if (disabled_) return;
-    grad_B_.noalias() += s_ * dy.transpose() * c.t;
-    c.g.noalias() = s_ * dy * B_;
+    grad_B_.noalias() += s_ * e.transpose() * c.t;
+    c.g.noalias() = s_ * e * B_;
     grad_A_.noalias() += c.g.transpose() * c.xd;
     if (config_.dropout > 0) {
       c.xd.noalias() = c.g * A_;  // xd is no longer needed: reuse it for g·A
@@ -269,6 +317,7 @@ class LoraLinear {
     grad_B_.setZero();
     grad_bias_.setZero();
     grad_W_.setZero();
+    grad_m_.setZero();
   }
 
   // The trainable tensors with their gradients: lora_A and lora_B (unless adapters are
@@ -278,6 +327,8 @@ class LoraLinear {
     if (!disabled_) {
       p.push_back({"lora_A", MatMap(A_.data(), A_.rows(), A_.cols()), MatMap(grad_A_.data(), A_.rows(), A_.cols())});
       p.push_back({"lora_B", MatMap(B_.data(), B_.rows(), B_.cols()), MatMap(grad_B_.data(), B_.rows(), B_.cols())});
+      if (config_.use_dora)
+        p.push_back({"lora_magnitude_vector", MatMap(m_.data(), 1, out_), MatMap(grad_m_.data(), 1, out_)});
     }
     if (train_base_) p.push_back({"weight", writable_weight(), MatMap(grad_W_.data(), w_rows_, w_cols_)});
     if (grad_bias_.size()) p.push_back({"bias", MatMap(bias_.data(), 1, out_), MatMap(grad_bias_.data(), 1, out_)});
@@ -285,7 +336,7 @@ class LoraLinear {
   }
 
   Index trainable_parameters() const {
-    return (disabled_ ? 0 : A_.size() + B_.size()) + (train_base_ ? out_ * in_ : 0) + grad_bias_.size();
+    return (disabled_ ? 0 : A_.size() + B_.size() + m_.size()) + (train_base_ ? out_ * in_ : 0) + grad_bias_.size();
   }
   Index frozen_parameters() const { return base_parameters() - (train_base_ ? out_ * in_ : 0) - grad_bias_.size(); }
   // What full fine-tuning of the base layer trains: W and b.
@@ -300,10 +351,12 @@ class LoraLinear {
   }
 
   // W += s·B·A. No-op when merged or when adapters are disabled (nothing active to merge).
+  // With DoRA: W ← c ⊙_rows (W + s·B·A).
   void merge() {
     if (merged_ || disabled_) return;
+    const Vec c = config_.use_dora ? Vec(m_.cwiseQuotient(weight_norm())) : Vec();
     begin_merge();
-    add_delta(writable_weight(), Scalar(1));
+    merge_into(writable_weight(), c);
     merged_ = true;
   }
 
@@ -312,8 +365,7 @@ class LoraLinear {
   void safe_merge() {
     if (merged_ || disabled_) return;
     Mat merged = weight();
-    MatMap m(merged.data(), w_rows_, w_cols_);
-    add_delta(m, Scalar(1));
+    merge_into(MatMap(merged.data(), w_rows_, w_cols_), config_.use_dora ? Vec(m_.cwiseQuotient(weight_norm())) : Vec());
     if (!merged.allFinite())
       detail::fail("LoraLinear::safe_merge: the merged weight has non-finite values; W is unchanged");
     begin_merge();
@@ -331,7 +383,9 @@ class LoraLinear {
       writable_weight() = w_saved_;
       w_saved_.resize(0, 0);
     } else {
-      add_delta(writable_weight(), Scalar(-1));
+      MatMap w = writable_weight();
+      if (config_.use_dora) scale_outputs(w, dora_c_.cwiseInverse());  // W' / c, with c from merge time
+      add_delta(w, Scalar(-1));
     }
     merged_ = false;
   }
@@ -339,6 +393,8 @@ class LoraLinear {
  private:
   struct Cache {
     Mat x, xd, mask, t, g;
+    Mat z, d;     // DoRA: x·Wᵀ + s·t·Bᵀ, and dy ⊙ c
+    Vec norm, c;  // DoRA: ‖W + s·B·A‖ per row, m / norm
     Index n = 0;
     bool valid = false;
   };
@@ -369,6 +425,8 @@ class LoraLinear {
       detail::fail(where, "alpha is ", config.alpha, ", expected a finite value > 0");
     if (!(config.dropout >= 0 && config.dropout < 1))
       detail::fail(where, "dropout is ", config.dropout, ", expected 0 <= p < 1");
+    if (config.use_dora && config.dropout > 0)
+      detail::fail(where, "use_dora with dropout ", config.dropout, " is not supported (DoRA needs dropout 0)");
   }
 
   // New A, B (initialised as config says), zero gradients, scaling, dropout stream.
@@ -383,6 +441,8 @@ class LoraLinear {
     grad_A_ = Mat::Zero(config.r, in_);
     grad_B_ = Mat::Zero(out_, config.r);
     grad_bias_ = config.bias == BiasMode::trainable || train_base_ ? Vec::Zero(has_bias_ ? out_ : 0) : Vec();
+    m_ = config.use_dora ? weight_norm() : Vec();  // PEFT: m starts at ‖W + s·B·A‖, so y is unchanged
+    grad_m_ = Vec::Zero(m_.size());
     cache_.valid = false;
   }
 
@@ -399,6 +459,30 @@ class LoraLinear {
     } else if (config_.exact_unmerge) {
       w_saved_ = weight();
     }
+  }
+
+  // w ← w + s·B·A, then with DoRA w ← c ⊙_rows w (c kept for unmerge).
+  void merge_into(MatMap w, const Vec& c) {
+    add_delta(w, Scalar(1));
+    if (config_.use_dora) {
+      scale_outputs(w, c);
+      dora_c_ = c;
+    }
+  }
+
+  // Row j of the logical (out, in) W times f(j): rows of W, or columns when stored (in, out).
+  void scale_outputs(MatMap w, const Vec& f) const {
+    if (config_.fan_in_fan_out)
+      w.array().rowwise() *= f.transpose().array();
+    else
+      w.array().colwise() *= f.array();
+  }
+
+  // y ← b + c ⊙ (y − b), column j of y scaled by c(j).
+  void rescale(Mat& y, const Vec& c) const {
+    if (has_bias_) y.rowwise() -= bias_.transpose();
+    y.array().rowwise() *= c.transpose().array();
+    if (has_bias_) y.rowwise() += bias_.transpose();
   }
 
   // w += sign·s·B·A in W's storage layout, as one GEMM, no (out, in) temporary.
@@ -463,6 +547,7 @@ class LoraLinear {
   bool has_bias_ = false;
   Mat A_, B_, grad_A_, grad_B_;
   Vec grad_bias_;
+  Vec m_, grad_m_, dora_c_;  // DoRA magnitude, its gradient, m / norm at merge time
   detail::Rng rng_;
   Cache cache_;
 };
