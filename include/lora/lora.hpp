@@ -2,6 +2,7 @@
 #pragma once
 
 #include <lora/attention.hpp>
+#include <lora/combine.hpp>
 #include <lora/dropout.hpp>
 #include <lora/embedding.hpp>
 #include <lora/encoder.hpp>
