@@ -343,7 +343,7 @@ class LoraLinear {
   Index base_parameters() const { return out_ * in_ + (has_bias_ ? out_ : 0); }
 
   // ---- merge -----------------------------------------------------------------------------
-  // s·B·A (out, in), whatever the storage layout of W.
+  // s·B·A (out, in), whatever the storage layout of W. (With DoRA, merge also rescales the rows.)
   Mat delta_weight() const {
     Mat d(out_, in_);
     d.noalias() = s_ * B_ * A_;
