@@ -7,6 +7,7 @@
 #pragma once
 
 #include <lora/attention.hpp>
+#include <lora/combine.hpp>
 #include <lora/embedding.hpp>
 #include <lora/linear.hpp>
 #include <lora/safetensors.hpp>
@@ -14,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -54,7 +56,7 @@ struct Checker {
   }
 
   template <class Got>
-  void compare(const std::string& what, const Got& got, const lora::Mat<double>& expected) const {
+  void compare(const std::string& what, const Got& got, const lora::Mat<double>& expected, double double_tol = 1e-10) const {
     double err;
     if (got.rows() != expected.rows() || got.cols() != expected.cols()) {
       err = INFINITY;
@@ -63,7 +65,7 @@ struct Checker {
       if (std::is_same_v<Scalar, float>) err /= std::max(expected.cwiseAbs().maxCoeff(), 1e-30);
     }
     if (std::isnan(err)) err = INFINITY;
-    report.comparisons.push_back({name, what, err, std::is_same_v<Scalar, double> ? 1e-10 : 1e-5});
+    report.comparisons.push_back({name, what, err, std::is_same_v<Scalar, double> ? double_tol : 1e-5});
   }
 
   // kinds "linear" and "linear_fan_in_fan_out"
@@ -123,6 +125,43 @@ struct Checker {
     compare("y (merged forward)", layer.forward(ids), "y");
     layer.unmerge();
     compare("weight (unmerged)", layer.weight(), "weight");
+  }
+
+  // kind "multi_adapter": one base, named adapters (r, alpha, rsLoRA each from the metadata), a
+  // mixed batch with one adapter name per row, and PEFT's add_weighted_adapter of two of them.
+  void multi_adapter(const nlohmann::json& c) const {
+    std::optional<lora::Vec<Scalar>> bias;
+    if (st.contains("bias")) bias = st.vector<Scalar>("bias");
+    std::unique_ptr<lora::LoraLinear<Scalar>> layer;
+    for (const auto& [n, a] : c["adapters"].items()) {
+      lora::LoraConfig cfg;
+      cfg.r = a["r"].template get<int>();
+      cfg.alpha = a["alpha"].template get<double>();
+      cfg.use_rslora = a.value("use_rslora", false);
+      if (!layer)
+        layer = std::make_unique<lora::LoraLinear<Scalar>>(get("weight"), bias, cfg, n);
+      else
+        layer->add_adapter(n, cfg);
+      layer->set_lora_A(n, get(n + ".lora_A"));
+      layer->set_lora_B(n, get(n + ".lora_B"));
+      report.comparisons.push_back({name, "scaling " + n, std::abs(double(layer->scaling(n)) - c["scalings"][n].template get<double>()),
+                                    std::is_same_v<Scalar, double> ? 1e-12 : 1e-6});
+    }
+    const auto rows = c["adapter_names_per_row"].get<std::vector<std::string>>();
+    compare("y_mixed", layer->forward(get("x"), rows), "y_mixed");
+    const auto& w = c["weighted"];
+    const auto names = w["adapters"].get<std::vector<std::string>>();
+    const auto weights = w["weights"].get<std::vector<double>>();
+    for (auto [key, type] : {std::pair{"w_cat", lora::Combination::cat}, std::pair{"w_linear", lora::Combination::linear},
+                             std::pair{"w_svd", lora::Combination::svd}}) {
+      const bool svd = type == lora::Combination::svd;
+      lora::add_weighted_adapter(*layer, names, weights, key, type, svd ? w["svd_rank"].get<int>() : 0);
+      report.comparisons.push_back({name, std::string("scaling ") + key,
+                                    std::abs(double(layer->scaling(key)) - c["scalings"][key].template get<double>()),
+                                    std::is_same_v<Scalar, double> ? 1e-12 : 1e-6});
+      // svd: singular vectors' signs are free, so the delta weights are compared (double 1e-8).
+      compare(std::string(key) + ".delta", layer->delta_weight(key), st.matrix<double>(std::string(key) + ".delta"), svd ? 1e-8 : 1e-10);
+    }
   }
 
   // kind "attention": self or cross, causal and/or key padding, LoRA on any of q, k, v, o
@@ -204,6 +243,12 @@ inline Report check_file(const std::string& path) {
     report.supported = true;
     Checker<double>{st, report}.embedding(c);
     Checker<float>{st, report}.embedding(c);
+    return report;
+  }
+  if (report.kind == "multi_adapter") {
+    report.supported = true;
+    Checker<double>{st, report}.multi_adapter(c);
+    Checker<float>{st, report}.multi_adapter(c);
     return report;
   }
   report.note = "kind '" + report.kind + "' is not supported yet";

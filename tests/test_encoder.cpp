@@ -60,8 +60,8 @@ TEST(Encoder, LoraAndAdapterGradientsMatchFiniteDifferences) {
   randomize_updates(block);
   std::vector<std::string> names;
   for (auto& p : block.parameters()) names.push_back(p.name);
-  EXPECT_EQ(names, (std::vector<std::string>{"attn.q_proj.lora_A", "attn.q_proj.lora_B", "attn.v_proj.lora_A", "attn.v_proj.lora_B",
-                                             "adapter.U", "adapter.V", "fc1.lora_A", "fc1.lora_B"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"attn.q_proj.lora_A.default", "attn.q_proj.lora_B.default", "attn.v_proj.lora_A.default", "attn.v_proj.lora_B.default",
+                                             "adapter.U", "adapter.V", "fc1.lora_A.default", "fc1.lora_B.default"}));
   lora::AttentionMask<double> causal;
   causal.causal = true;
   check_gradients(block, random_mat(2 * 3, 8, 1), 2, causal);

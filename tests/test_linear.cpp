@@ -517,7 +517,7 @@ TEST(Dora, GradientsMatchFiniteDifferencesWithTheNormDetached) {
     const MatD dx = layer.backward(dy);
     auto params = layer.parameters();
     ASSERT_EQ(params.size(), 3u);
-    EXPECT_EQ(params[2].name, "lora_magnitude_vector");
+    EXPECT_EQ(params[2].name, "lora_magnitude_vector.default");
     const int n = expect_parameter_gradients(params, [&] { return (formula(x).array() * dy.array()).sum(); }, 1e-8);
     EXPECT_EQ(n, 3 * 7 + 5 * 3 + 5);
     expect_input_gradient(x, dx, [&](const MatD& xx) { return (formula(xx).array() * dy.array()).sum(); }, 1e-8);

@@ -31,9 +31,14 @@ struct AdapterFactors {
   double scaling = 1;
 };
 
+// The factors of the layer's one active adapter, or of a named one.
 template <class Scalar>
 AdapterFactors<Scalar> factors_of(const LoraLinear<Scalar>& layer) {
   return {layer.lora_A(), layer.lora_B(), double(layer.scaling())};
+}
+template <class Scalar>
+AdapterFactors<Scalar> factors_of(const LoraLinear<Scalar>& layer, const std::string& name) {
+  return {layer.lora_A(name), layer.lora_B(name), double(layer.scaling(name))};
 }
 
 enum class Combination { cat, linear, svd };
@@ -100,6 +105,32 @@ AdapterFactors<Scalar> add_weighted_adapter(const std::vector<AdapterFactors<Sca
   }
   r.scaling = use_rslora ? std::sqrt(double(r.A.rows())) : 1.0;
   return r;
+}
+
+// PEFT's LoraModel.add_weighted_adapter(adapters, weights, adapter_name, combination_type) on one
+// layer: adds adapter new_name (not active) holding the combination of the named adapters. Its
+// config is the first adapter's with r = the result's rank and alpha = r (as PEFT), so its
+// scaling is the one computed above. DoRA adapters, unknown names and a name the layer already
+// has are refused, changing nothing.
+template <class Scalar>
+void add_weighted_adapter(LoraLinear<Scalar>& layer, const std::vector<std::string>& names, const std::vector<double>& weights,
+                          const std::string& new_name, Combination type, int svd_rank = 0) {
+  const char* where = "add_weighted_adapter: ";
+  if (layer.has_adapter(new_name)) detail::fail(where, "the layer already has an adapter '", new_name, "'");
+  if (names.empty()) detail::fail(where, "no adapters to combine");
+  std::vector<AdapterFactors<Scalar>> in;
+  for (const auto& n : names) {
+    if (!layer.has_adapter(n)) detail::fail(where, "no adapter '", n, "' in the layer");
+    if (layer.config(n).use_dora) detail::fail(where, "adapter '", n, "' uses DoRA, which cannot be combined");
+    in.push_back(factors_of(layer, n));
+  }
+  LoraConfig config = layer.config(names[0]);
+  const AdapterFactors<Scalar> r = add_weighted_adapter<Scalar>(in, weights, type, svd_rank, config.use_rslora);
+  config.r = static_cast<int>(r.A.rows());
+  config.alpha = config.r;
+  layer.add_adapter(new_name, config);
+  layer.set_lora_A(new_name, r.A);
+  layer.set_lora_B(new_name, r.B);
 }
 
 }  // namespace lora

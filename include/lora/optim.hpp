@@ -167,14 +167,13 @@ double clip_grad_norm(const std::vector<Parameter<Scalar>>& params, double max_n
 }
 
 // LoRA+ (Hayou et al. 2024): B learns ratio times faster than A. Adds params to opt, the
-// lora_B ones (names ending in "lora_B") with lr × ratio.
+// lora_B ones (a dotted name with the part "lora_B", e.g. "fc1.lora_B.default") with lr × ratio.
 template <class Scalar>
 void add_loraplus(Optimizer<Scalar>& opt, const std::vector<Parameter<Scalar>>& params, double ratio = 16) {
   std::vector<Parameter<Scalar>> a, b;
   for (const auto& p : params) {
-    const std::string suffix = "lora_B";
-    const bool is_b = p.name.size() >= suffix.size() && p.name.compare(p.name.size() - suffix.size(), suffix.size(), suffix) == 0;
-    (is_b ? b : a).push_back(p);
+    const std::string dotted = "." + p.name + ".";
+    (dotted.find(".lora_B.") != std::string::npos ? b : a).push_back(p);
   }
   opt.add(a);
   opt.add(b, ratio);

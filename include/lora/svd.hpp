@@ -97,7 +97,7 @@ namespace detail {
 template <class Scalar>
 Eigen::MatrixXd logical_weight(const LoraLinear<Scalar>& layer) {
   const Eigen::MatrixXd w = layer.weight().template cast<double>();
-  return layer.config().fan_in_fan_out ? Eigen::MatrixXd(w.transpose()) : w;
+  return layer.fan_in_fan_out() ? Eigen::MatrixXd(w.transpose()) : w;
 }
 
 // Sets A, B and W − s·B·A in the layer's storage, after every check passed.
@@ -106,7 +106,7 @@ void move_into_adapter(LoraLinear<Scalar>& layer, const char* fn, const Eigen::M
                        const Eigen::MatrixXd& B) {
   const Mat<Scalar> a = A.cast<Scalar>(), b = B.cast<Scalar>();
   const Eigen::MatrixXd residual = W - double(layer.scaling()) * b.template cast<double>() * a.template cast<double>();
-  const Mat<Scalar> stored = layer.config().fan_in_fan_out ? Mat<Scalar>(residual.transpose().cast<Scalar>()) : Mat<Scalar>(residual.cast<Scalar>());
+  const Mat<Scalar> stored = layer.fan_in_fan_out() ? Mat<Scalar>(residual.transpose().cast<Scalar>()) : Mat<Scalar>(residual.cast<Scalar>());
   if (!stored.allFinite() || !a.allFinite() || !b.allFinite()) detail::fail(fn, ": W has non-finite values; nothing changed");
   layer.set_weight(stored);  // refuses (changing nothing) when merged or read-only
   layer.set_lora_A(a);
