@@ -36,6 +36,16 @@ inline void set_flops(benchmark::State& state, double flops) {
   state.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// The timing loop of an evaluation forward into a reused output: layer.forward(x, args..., y).
+template <class Layer, class... Args>
+void time_forward(benchmark::State& state, const Layer& layer, const Mat& x, const Args&... args) {
+  Mat y;
+  for (auto _ : state) {
+    layer.forward(x, args..., y);
+    benchmark::DoNotOptimize(y.data());
+  }
+}
+
 inline double get(const Times& t, const std::string& key) {
   auto it = t.find(key);
   return it == t.end() ? NAN : it->second;

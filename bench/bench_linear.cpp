@@ -30,22 +30,13 @@ void BM_LinearMerged(benchmark::State& state) {
   const auto n = state.range(0), d = state.range(1);
   auto layer = make_layer(d, int(state.range(2)));
   layer.merge();
-  Mat x = random(n, d, 4), y;
-  for (auto _ : state) {
-    layer.forward(x, y);
-    benchmark::DoNotOptimize(y.data());
-  }
+  bench::time_forward(state, layer, random(n, d, 4));
   set_flops(state, 2.0 * n * d * d);
 }
 
 void BM_LinearUnmerged(benchmark::State& state) {
   const auto n = state.range(0), d = state.range(1), r = state.range(2);
-  auto layer = make_layer(d, int(r));
-  Mat x = random(n, d, 4), y;
-  for (auto _ : state) {
-    layer.forward(x, y);
-    benchmark::DoNotOptimize(y.data());
-  }
+  bench::time_forward(state, make_layer(d, int(r)), random(n, d, 4));
   set_flops(state, 2.0 * n * d * d + 4.0 * n * d * r);
 }
 

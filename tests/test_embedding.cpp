@@ -102,4 +102,15 @@ TEST(Embedding, BadInputIsRefusedAndChangesNothing) {
   bad.alpha = -1;
   EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(random_normal(3, 2, 1), bad), "LoraEmbedding: alpha is -1");
   EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(MatD(0, 2), lora::LoraConfig{}), "LoraEmbedding: weight is (0, 2)");
+  // LoraConfig fields that have no meaning for an embedding are refused, not ignored.
+  const MatD W = random_normal(3, 2, 1);
+  auto with = [](auto set) {
+    lora::LoraConfig c;
+    set(c);
+    return c;
+  };
+  EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(W, with([](auto& c) { c.init = lora::Init::gaussian; })), "init gaussian does not apply");
+  EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(W, with([](auto& c) { c.use_dora = true; })), "use_dora is not supported");
+  EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(W, with([](auto& c) { c.fan_in_fan_out = true; })), "fan_in_fan_out does not apply");
+  EXPECT_LORA_ERROR(lora::LoraEmbedding<double>(W, with([](auto& c) { c.bias = lora::BiasMode::trainable; })), "has no bias");
 }

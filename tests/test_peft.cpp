@@ -106,7 +106,7 @@ TEST(PeftConfig, BadConfigsAreRefusedByName) {
       {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"(q": 2}})", {"rank_pattern key \"(q\""}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "alpha_pattern": []})", {"alpha_pattern is []"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "use_rslora": "yes"})", {"use_rslora is \"yes\""}},
-      {R"({"peft_type": "LORA", "target_modules": ["q"], "use_dora": true})", {"use_dora is true", "does not support"}},
+      {R"({"peft_type": "LORA", "target_modules": ["q"], "use_dora": 1})", {"use_dora is 1", "true or false"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "bias": "all"})", {"bias is \"all\"", "only \"none\""}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "modules_to_save": ["head"]})", {"modules_to_save is [\"head\"]"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "layers_to_transform": [0]})", {"layers_to_transform is [0]"}},
@@ -315,7 +315,7 @@ TEST(Peft, LoadIntoAMergedLayerIsRefused) {
   auto model = tiny_model<double>(kTiny);
   model.modules().at("layers.0.mlp.up_proj").merge();
   const auto before = snapshot(model.modules());
-  EXPECT_LORA_ERROR(lora::load_adapter(kTiny + "/adapter", model.modules()), "layers.0.mlp.up_proj is merged");
+  EXPECT_LORA_ERROR(lora::load_adapter(kTiny + "/adapter", model.modules()), "layers.0.mlp.up_proj: adapter 'default' is merged");
   EXPECT_EQ(snapshot(model.modules()), before);
 }
 
@@ -358,4 +358,76 @@ TEST(LoraModel, SavesMergedWeightsOfABf16AdapterOnGpt2Conv1D) {
     }
   }
   EXPECT_EQ(adapted, 8);
+}
+
+TEST(Peft, LoadsIntoANamedAdapterAndSavesItByName) {
+  auto model = tiny_model<double>(kTiny);
+  const auto before = snapshot(model.modules());  // "default": fresh init, active
+  lora::LoadOptions opt;
+  opt.adapter_name = "task";
+  const lora::PeftConfig cfg = lora::load_adapter(kTiny + "/adapter", model.modules(), opt);
+  EXPECT_EQ(snapshot(model.modules()), before);  // the default adapter is untouched
+  const auto st = lora::SafeTensors::open(kTiny + "/adapter/adapter_model.safetensors");
+  for (const auto& [path, layer] : model.modules()) {
+    SCOPED_TRACE(path);
+    EXPECT_EQ(layer->adapter_names(), (std::vector<std::string>{"default", "task"}));
+    EXPECT_EQ(layer->active_adapters(), std::vector<std::string>{"default"});  // added, not active (PEFT)
+    EXPECT_EQ(layer->lora_A("task"), st.matrix<double>("base_model.model." + path + ".lora_A.weight"));
+    EXPECT_EQ(layer->lora_B("task"), st.matrix<double>("base_model.model." + path + ".lora_B.weight"));
+  }
+  // Saved by name, in F64: the same bytes PEFT wrote; the active "default" is not what is saved.
+  const fs::path dir = scratch("named");
+  lora::save_adapter(dir.string(), model.modules(), cfg, lora::Dtype::F64, "task");
+  std::ifstream a(dir / "adapter_model.safetensors", std::ios::binary), b(kTiny + "/adapter/adapter_model.safetensors", std::ios::binary);
+  EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(a), {}, std::istreambuf_iterator<char>(b), {}));
+  EXPECT_LORA_ERROR(lora::save_adapter((dir / "x").string(), model.modules(), cfg, lora::Dtype::F64, "nope"), "has no adapter 'nope'");
+  EXPECT_FALSE(fs::exists(dir / "x"));
+  // A merged named adapter is not replaced.
+  model.modules().at("layers.0.mlp.up_proj").merge({"task"});
+  EXPECT_LORA_ERROR(lora::load_adapter(kTiny + "/adapter", model.modules(), opt), "adapter 'task' is merged");
+}
+
+TEST(Peft, DoraAdaptersRoundTripWithTheirMagnitudes) {
+  auto model = tiny_model<double>(kTiny);
+  lora::PeftConfig cfg = lora::load_adapter(kTiny + "/adapter", model.modules());
+  cfg.use_dora = true;
+  cfg.lora_dropout = 0;  // DoRA here needs dropout 0
+  std::uint64_t seed = 50;
+  for (const auto& [path, layer] : model.modules()) {
+    layer->update_layer(cfg.lora_config(path, layer->config()));
+    layer->set_lora_A(random_normal(layer->rank(), layer->in_features(), ++seed));
+    layer->set_lora_B(random_normal(layer->out_features(), layer->rank(), ++seed));
+    layer->set_lora_magnitude(random_normal(layer->out_features(), 1, ++seed).col(0).cwiseAbs());
+  }
+  // Written where CI's check_peft_adapter.py looks for it.
+  const fs::path dir = fs::temp_directory_path() / "lora_test_peft_dora";
+  fs::remove_all(dir);
+  lora::save_adapter(dir.string(), model.modules(), cfg, lora::Dtype::F64);
+  const auto st = lora::SafeTensors::open((dir / "adapter_model.safetensors").string());
+  const auto& t = st.info("base_model.model.layers.0.mlp.up_proj.lora_magnitude_vector");
+  EXPECT_EQ(t.shape, (std::vector<std::uint64_t>{64}));
+  EXPECT_EQ(nlohmann::json::parse(lora::PeftConfig::read_text((dir / "adapter_config.json").string()))["use_dora"], true);
+
+  auto again = tiny_model<double>(kTiny);
+  lora::load_adapter(dir.string(), again.modules());
+  for (const auto& [path, layer] : model.modules()) {
+    SCOPED_TRACE(path);
+    const auto& other = again.modules().at(path);
+    EXPECT_TRUE(other.use_dora());
+    EXPECT_EQ(other.lora_magnitude(), layer->lora_magnitude());
+    const Mat<double> x = random_normal(3, layer->in_features(), 7);
+    EXPECT_EQ(other.forward(x), layer->forward(x));
+  }
+  // A DoRA file with dropout, or a magnitude in a file whose config says use_dora false, is refused.
+  nlohmann::json j = nlohmann::json::parse(lora::PeftConfig::read_text((dir / "adapter_config.json").string()));
+  j["lora_dropout"] = 0.1;
+  write(dir / "adapter_config.json", j.dump());
+  EXPECT_LORA_ERROR(lora::load_adapter(dir.string(), again.modules()), "use_dora with lora_dropout > 0");
+  j["lora_dropout"] = 0;
+  j["use_dora"] = false;
+  write(dir / "adapter_config.json", j.dump());
+  EXPECT_LORA_ERROR(lora::load_adapter(dir.string(), again.modules()), "has a lora_magnitude_vector but use_dora is false");
+  EXPECT_TRUE(again.modules().at("layers.0.mlp.up_proj").use_dora());  // unchanged by the refusals
+  fs::remove_all(dir);
+  lora::save_adapter(dir.string(), model.modules(), cfg, lora::Dtype::F32);  // left for the checker
 }

@@ -10,9 +10,11 @@
 //   dA[:, id_i] += s·(dY·B)_iᵀ    scatter-add: a repeated id accumulates
 // The ids get no gradient. Merged: W += s·(B·A)ᵀ, and the forward is the lookup alone.
 //
-// As in PEFT: A starts at zero and B ~ N(0, 1), so a fresh adapter changes nothing (config.init
-// does not apply), and the LoRA dropout does not apply to embeddings (config.dropout is ignored).
-// An id outside [0, vocab) is an error that names it; nothing changes.
+// As in PEFT: A starts at zero and B ~ N(0, 1), so a fresh adapter changes nothing, and the LoRA
+// dropout does not apply to embeddings (config.dropout is ignored, as PEFT ignores it). The
+// LoraConfig fields that have no meaning here are refused: an init other than the default,
+// use_dora, fan_in_fan_out and a trainable bias. An id outside [0, vocab) is an error that names
+// it; nothing changes.
 #pragma once
 
 #include <lora/detail/random.hpp>
@@ -39,6 +41,11 @@ class LoraEmbedding {
     if (config.r < 1) detail::fail("LoraEmbedding: r is ", config.r, ", expected r >= 1");
     if (!std::isfinite(config.alpha) || config.alpha <= 0)
       detail::fail("LoraEmbedding: alpha is ", config.alpha, ", expected a finite value > 0");
+    if (config.init != Init::kaiming)
+      detail::fail("LoraEmbedding: init ", init_name(config.init), " does not apply (embeddings start with A = 0, B ~ N(0, 1))");
+    if (config.use_dora) detail::fail("LoraEmbedding: use_dora is not supported for embeddings");
+    if (config.fan_in_fan_out) detail::fail("LoraEmbedding: fan_in_fan_out does not apply (W is (vocab, dim))");
+    if (config.bias == BiasMode::trainable) detail::fail("LoraEmbedding: bias mode trainable, but an embedding has no bias");
     config_ = config;
     s_ = static_cast<Scalar>(config.scaling());
     A_ = Mat::Zero(config.r, vocab());

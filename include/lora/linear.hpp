@@ -14,11 +14,17 @@
 //     to the borrowed bytes, which restores W exactly.
 // With fan_in_fan_out (GPT-2's Conv1D) W is stored (in, out); the math is the same.
 //
-// Merge state. merge() adds s·B·A to W, after which forward is one GEMM; unmerge() subtracts it.
-// Both are no-ops when already in that state (PEFT's behaviour), so W is never doubly merged.
-// In floating point, W + Δ − Δ need not equal W; with exact_unmerge the layer keeps a copy of W
-// while merged and unmerge restores it bit-for-bit. Training (forward_train/backward) and
-// setting A or B are errors while merged: unmerge first.
+// Named adapters. A layer holds any number of adapters by name (PEFT's lora_A[name]); the
+// constructor makes the first ("default"), add_adapter/update_layer more, set_adapter picks the
+// active ones (their updates sum), delete_adapter removes one. forward(x, adapter_names) serves a
+// mixed batch, one adapter per row, without merging.
+//
+// Merge state. merge() adds s·B·A of the active adapters to W, after which forward is one GEMM;
+// unmerge() subtracts them all. Merging a merged adapter and unmerging with nothing merged are
+// no-ops (PEFT's behaviour), so W is never doubly merged. In floating point, W + Δ − Δ need not
+// equal W; with exact_unmerge the layer keeps a copy of W while merged and unmerge restores it
+// bit-for-bit. Training (forward_train/backward) is an error while merged, and so is setting A
+// or B of a merged adapter: unmerge first.
 #pragma once
 
 #include <lora/dropout.hpp>
@@ -127,6 +133,8 @@ class LoraLinear {
   }
   bool has_adapter(const std::string& name) const { return find(name) >= 0; }
   const std::vector<std::string>& active_adapters() const { return active_; }
+  // The name of the one active adapter (refused when none or several are active).
+  const std::string& active_adapter() const { return current("active_adapter").name; }
   // Merged adapters, in merge order.
   const std::vector<std::string>& merged_adapters() const { return merged_; }
   bool is_merged(const std::string& name) const {
@@ -352,22 +360,18 @@ class LoraLinear {
     fill.assign(start.begin(), start.end() - 1);
     for (std::size_t i = 0; i < which.size(); ++i)
       if (which[i] >= 0) rows[fill[which[i]]++] = static_cast<Index>(i);
-    thread_local Mat xg, t, u;
-    for (std::size_t k = 0; k < adapters_.size(); ++k) {
-      const Index b = start[k], m = start[k + 1] - b;
-      if (m == 0) continue;
-      const Adapter& a = adapters_[k];
-      if (rows[b + m - 1] - rows[b] == m - 1) {  // one contiguous run of rows
-        t.noalias() = x.middleRows(rows[b], m) * a.A.transpose();
-        y.middleRows(rows[b], m).noalias() += a.s * t * a.B.transpose();
-        continue;
-      }
-      xg.resize(m, in_);
-      for (Index j = 0; j < m; ++j) xg.row(j) = x.row(rows[b + j]);
-      t.noalias() = xg * a.A.transpose();
-      u.noalias() = a.s * t * a.B.transpose();
-      for (Index j = 0; j < m; ++j) y.row(rows[b + j]) += u.row(j);
-    }
+    // Each group writes only its own rows of y, so groups run in parallel (one thread each, with
+    // its own buffers); the base GEMM above used all threads.
+    thread_local std::vector<int> groups;
+    groups.clear();
+    for (std::size_t k = 0; k < adapters_.size(); ++k)
+      if (start[k + 1] > start[k]) groups.push_back(static_cast<int>(k));
+    const int ng = static_cast<int>(groups.size());
+    const std::vector<Index>& row = rows;  // thread_locals are per thread: pass the caller's by reference
+    const std::vector<Index>& first = start;
+    const std::vector<int>& group = groups;
+#pragma omp parallel for schedule(dynamic) if (ng > 1 && row.size() * std::size_t(in_) >= (1u << 16))
+    for (int g = 0; g < ng; ++g) add_group(x, adapters_[group[g]], row.data() + first[group[g]], first[group[g] + 1] - first[group[g]], y);
   }
 
   // ---- training --------------------------------------------------------------------------
@@ -814,6 +818,21 @@ class LoraLinear {
       w.noalias() += (sign * a.s) * a.A.transpose() * a.B.transpose();
     else
       w.noalias() += (sign * a.s) * a.B * a.A;
+  }
+
+  // y[rows] += s·(x[rows]·Aᵀ)·Bᵀ for m rows of one adapter, gathered unless contiguous.
+  void add_group(const MatRef& x, const Adapter& a, const Index* rows, Index m, Mat& y) const {
+    thread_local Mat xg, t, u;
+    if (rows[m - 1] - rows[0] == m - 1) {  // one contiguous run of rows
+      t.noalias() = x.middleRows(rows[0], m) * a.A.transpose();
+      y.middleRows(rows[0], m).noalias() += a.s * t * a.B.transpose();
+      return;
+    }
+    xg.resize(m, in_);
+    for (Index j = 0; j < m; ++j) xg.row(j) = x.row(rows[j]);
+    t.noalias() = xg * a.A.transpose();
+    u.noalias() = a.s * t * a.B.transpose();
+    for (Index j = 0; j < m; ++j) y.row(rows[j]) += u.row(j);
   }
 
   void check_input(const char* fn, const MatRef& x) const {

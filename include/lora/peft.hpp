@@ -26,6 +26,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -97,6 +98,7 @@ struct PeftConfig {
   std::vector<std::string> exclude_modules;
   std::optional<std::string> exclude_regex;
   bool use_rslora = false;
+  bool use_dora = false;  // files then hold lora_magnitude_vector per module
   bool fan_in_fan_out = false;
   std::vector<std::pair<std::string, int>> rank_pattern;       // in file order
   std::vector<std::pair<std::string, double>> alpha_pattern;   // in file order
@@ -111,12 +113,13 @@ struct PeftConfig {
   double alpha_for(const std::string& module) const { return pattern_value(alpha_pattern, module, lora_alpha); }
 
   // The LoraConfig of module: base's init, seed, bias mode, fan_in_fan_out and exact mode, with
-  // r, alpha, dropout and rsLoRA from this config.
+  // r, alpha, dropout, rsLoRA and DoRA from this config.
   LoraConfig lora_config(const std::string& module, LoraConfig base = {}) const {
     base.r = rank_for(module);
     base.alpha = alpha_for(module);
     base.dropout = lora_dropout;
     base.use_rslora = use_rslora;
+    base.use_dora = use_dora;
     return base;
   }
 
@@ -224,6 +227,7 @@ inline PeftConfig PeftConfig::from_json(const std::string& text, const std::stri
   detail::read_names(j, "target_modules", label, c.target_modules, c.target_regex);
   detail::read_names(j, "exclude_modules", label, c.exclude_modules, c.exclude_regex);
   get_bool("use_rslora", c.use_rslora);
+  get_bool("use_dora", c.use_dora);
   get_bool("fan_in_fan_out", c.fan_in_fan_out);
   if (auto* v = field("rank_pattern")) {
     if (!v->is_object()) bad("rank_pattern", "an object {module pattern: r}");
@@ -250,7 +254,7 @@ inline PeftConfig PeftConfig::from_json(const std::string& text, const std::stri
   // Options that change what the weights mean, which this library does not implement.
   if (auto* v = field("bias"); v && *v != "none")
     detail::fail(label, ": bias is ", detail::json_text(*v), "; only \"none\" is supported");
-  for (const char* name : {"use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "layers_pattern",
+  for (const char* name : {"lora_bias", "modules_to_save", "layers_to_transform", "layers_pattern",
                            "target_parameters", "layer_replication", "trainable_token_indices",
                            "alora_invocation_tokens", "use_qalora", "use_bdlora", "megatron_config"}) {
     const auto* v = field(name);
@@ -277,13 +281,14 @@ inline std::string PeftConfig::to_json() const {
   j["target_modules"] = names(target_modules, target_regex);
   j["exclude_modules"] = exclude_regex || !exclude_modules.empty() ? names(exclude_modules, exclude_regex) : nlohmann::json();
   j["use_rslora"] = use_rslora;
+  j["use_dora"] = use_dora;
   j["fan_in_fan_out"] = fan_in_fan_out;
   j["rank_pattern"] = nlohmann::json::object();
   for (const auto& [k, v] : rank_pattern) j["rank_pattern"][k] = v;
   j["alpha_pattern"] = nlohmann::json::object();
   for (const auto& [k, v] : alpha_pattern) j["alpha_pattern"][k] = number(v);
   // PEFT's defaults for the fields a fresh config must have.
-  const nlohmann::json defaults = {{"bias", "none"}, {"use_dora", false}, {"init_lora_weights", true},
+  const nlohmann::json defaults = {{"bias", "none"}, {"init_lora_weights", true},
                                    {"inference_mode", true}, {"modules_to_save", nullptr},
                                    {"base_model_name_or_path", nullptr}, {"task_type", nullptr}, {"revision", nullptr},
                                    {"layers_to_transform", nullptr}, {"layers_pattern", nullptr}};
@@ -321,24 +326,30 @@ struct LoadOptions {
   // module the config targets must have weights, and every mapped module must be targeted.
   // Not strict: such modules are skipped (and left as they are); shapes are still checked.
   bool strict = true;
+  // The named adapter the file fills in each layer: replaced when the layer has it, added (not
+  // active) otherwise, as PEFT's load_adapter(path, adapter_name).
+  std::string adapter_name = "default";
 };
 
 namespace detail {
 
 inline const std::string kPeftPrefix = "base_model.model.";
 
-// "base_model.model.<module>.lora_A.weight" -> module, 'A' (or 'B'); errors for other keys.
+// "base_model.model.<module>.lora_A.weight" -> module, 'A' ('B'; 'M' for DoRA's
+// lora_magnitude_vector, with or without ".weight"); errors for other keys.
 inline std::pair<std::string, char> split_peft_key(const std::string& key, const std::string& file) {
-  for (char ab : {'A', 'B'}) {
-    const std::string suffix = std::string(".lora_") + ab + ".weight";
-    if (key.size() > kPeftPrefix.size() + suffix.size() && key.compare(0, kPeftPrefix.size(), kPeftPrefix) == 0 &&
-        key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0)
-      return {key.substr(kPeftPrefix.size(), key.size() - kPeftPrefix.size() - suffix.size()), ab};
+  for (auto [suffix, kind] : {std::pair{".lora_A.weight", 'A'}, std::pair{".lora_B.weight", 'B'},
+                              std::pair{".lora_magnitude_vector", 'M'}, std::pair{".lora_magnitude_vector.weight", 'M'}}) {
+    const std::size_t n = std::strlen(suffix);
+    if (key.size() > kPeftPrefix.size() + n && key.compare(0, kPeftPrefix.size(), kPeftPrefix) == 0 &&
+        key.compare(key.size() - n, n, suffix) == 0)
+      return {key.substr(kPeftPrefix.size(), key.size() - kPeftPrefix.size() - n), kind};
   }
-  for (const char* kind : {"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+  for (const char* kind : {"lora_embedding_A", "lora_embedding_B"})
     if (key.find(kind) != std::string::npos)
-      fail(file, ": tensor '", key, "': ", kind, " (embedding or DoRA adapters) is not supported by load_adapter");
-  fail(file, ": tensor '", key, "' is not a PEFT LoRA key (base_model.model.<module>.lora_A.weight / .lora_B.weight)");
+      fail(file, ": tensor '", key, "': ", kind, " (embedding adapters) is not supported by load_adapter");
+  fail(file, ": tensor '", key, "' is not a PEFT LoRA key (base_model.model.<module>.lora_A.weight / .lora_B.weight / "
+       ".lora_magnitude_vector)");
 }
 
 inline std::string join(const std::vector<std::string>& v) {
@@ -347,12 +358,19 @@ inline std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
+// The adapter of layer that save/describe: the named one, or the layer's one active adapter.
+template <class Scalar>
+std::string adapter_of(const LoraLinear<Scalar>& layer, const std::string& adapter) {
+  return adapter.empty() ? layer.active_adapter() : adapter;
+}
+
 }  // namespace detail
 
-// Reads DIR/adapter_config.json and DIR/adapter_model.safetensors into the mapped layers: each
-// targeted layer gets update_layer(config's r, alpha, dropout, rsLoRA for it) and the file's A
-// and B (converted from F64/F32/F16/BF16 to Scalar). Everything is checked before any layer
-// changes; on error nothing has changed. Returns the config.
+// Reads DIR/adapter_config.json and DIR/adapter_model.safetensors into the mapped layers: in each
+// targeted layer, adapter options.adapter_name gets update_layer(config's r, alpha, dropout,
+// rsLoRA, DoRA for it) and the file's A and B (and DoRA magnitude), converted from
+// F64/F32/F16/BF16 to Scalar. Everything is checked before any layer changes; on error nothing has
+// changed. Returns the config.
 template <class Scalar>
 PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, const LoadOptions& options = {}) {
   namespace fs = std::filesystem;
@@ -362,20 +380,28 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
     if (!fs::is_regular_file(p)) detail::fail("load_adapter: ", p, " does not exist");
   const PeftConfig config = PeftConfig::read(cfg_path);
   const SafeTensors st = SafeTensors::open(st_path);
+  const std::string& name = options.adapter_name;
 
-  struct Pair {
+  struct Parts {
     const TensorInfo* a = nullptr;
     const TensorInfo* b = nullptr;
+    const TensorInfo* m = nullptr;
   };
-  std::map<std::string, Pair> in_file;
+  std::map<std::string, Parts> in_file;
   for (const auto& t : st.tensors()) {
-    auto [module, ab] = detail::split_peft_key(t.name, st_path);
-    (ab == 'A' ? in_file[module].a : in_file[module].b) = &t;
+    auto [module, kind] = detail::split_peft_key(t.name, st_path);
+    const TensorInfo*& slot = kind == 'A' ? in_file[module].a : kind == 'B' ? in_file[module].b : in_file[module].m;
+    if (slot) detail::fail("load_adapter: ", st_path, ": ", module, " has two lora_magnitude_vector tensors");
+    slot = &t;
   }
 
   std::vector<std::string> problems, unknown, missing, untargeted, not_in_config;
-  for (const auto& [module, pair] : in_file) {
-    if (!pair.a || !pair.b) problems.push_back(module + " has lora_" + (pair.a ? "A" : "B") + " but no lora_" + (pair.a ? "B" : "A"));
+  if (name.empty() || name == LoraLinear<Scalar>::kBase) problems.push_back("adapter_name '" + name + "' is not a usable name");
+  if (config.use_dora && config.lora_dropout > 0) problems.push_back("use_dora with lora_dropout > 0 is not supported");
+  for (const auto& [module, parts] : in_file) {
+    if (!parts.a || !parts.b) problems.push_back(module + " has lora_" + (parts.a ? "A" : "B") + " but no lora_" + (parts.a ? "B" : "A"));
+    if (config.use_dora && !parts.m) problems.push_back(module + " has no lora_magnitude_vector but use_dora is true");
+    if (!config.use_dora && parts.m) problems.push_back(module + " has a lora_magnitude_vector but use_dora is false");
     if (!config.targets(module)) not_in_config.push_back(module);
     if (!modules.contains(module)) unknown.push_back(module);
   }
@@ -395,8 +421,8 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
 
   // Shapes, dtypes and layer state for every module that will be loaded.
   std::vector<std::string> to_load;
-  for (const auto& [module, pair] : in_file) {
-    if (!pair.a || !pair.b || !modules.contains(module) || !config.targets(module)) continue;
+  for (const auto& [module, parts] : in_file) {
+    if (!parts.a || !parts.b || !modules.contains(module) || !config.targets(module)) continue;
     const LoraLinear<Scalar>& layer = modules.at(module);
     const auto r = static_cast<std::uint64_t>(config.rank_for(module));
     const auto in = static_cast<std::uint64_t>(layer.in_features()), out = static_cast<std::uint64_t>(layer.out_features());
@@ -408,33 +434,57 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
                            " (r = " + std::to_string(r) + " from r/rank_pattern, layer (out, in) = (" +
                            std::to_string(out) + ", " + std::to_string(in) + "))");
     };
-    check(*pair.a, {r, in});
-    check(*pair.b, {out, r});
-    if (layer.is_merged()) problems.push_back(module + " is merged; unmerge() before loading");
+    check(*parts.a, {r, in});
+    check(*parts.b, {out, r});
+    if (parts.m) check(*parts.m, {out});
+    const bool has = layer.has_adapter(name);
+    if (has && layer.is_merged(name)) problems.push_back(module + ": adapter '" + name + "' is merged; unmerge() before loading");
+    if (config.use_dora && layer.is_merged()) problems.push_back(module + " is merged; unmerge() before loading a DoRA adapter");
+    if (config.use_dora && layer.base_trainable()) problems.push_back(module + " trains its base, which DoRA does not support");
+    if (config.use_dora && has && layer.active_adapters().size() > 1)
+      for (const auto& a : layer.active_adapters())
+        if (a == name) problems.push_back(module + ": DoRA adapter '" + name + "' would be active with others");
     to_load.push_back(module);
   }
   if (!problems.empty()) detail::fail("load_adapter: ", dir, ": ", detail::join(problems));
 
   // Convert everything first, then change the layers (nothing below can fail on valid input).
-  std::vector<std::pair<Mat<Scalar>, Mat<Scalar>>> ab;
-  for (const auto& module : to_load)
-    ab.emplace_back(st.matrix<Scalar>(in_file[module].a->name), st.matrix<Scalar>(in_file[module].b->name));
+  struct Values {
+    Mat<Scalar> a, b;
+    Vec<Scalar> m;
+  };
+  std::vector<Values> values;
+  for (const auto& module : to_load) {
+    const Parts& p = in_file[module];
+    values.push_back({st.matrix<Scalar>(p.a->name), st.matrix<Scalar>(p.b->name), p.m ? st.vector<Scalar>(p.m->name) : Vec<Scalar>()});
+  }
   for (std::size_t i = 0; i < to_load.size(); ++i) {
     LoraLinear<Scalar>& layer = modules.at(to_load[i]);
-    layer.update_layer(config.lora_config(to_load[i], layer.config()));
-    layer.set_lora_A(ab[i].first);
-    layer.set_lora_B(ab[i].second);
+    // Settings this library keeps beside PEFT's (init, seed, bias mode, exact mode) come from the
+    // adapter being replaced, or else from the layer's first adapter.
+    LoraConfig base;
+    base.fan_in_fan_out = layer.fan_in_fan_out();
+    const auto names = layer.adapter_names();
+    if (layer.has_adapter(name))
+      base = layer.config(name);
+    else if (!names.empty())
+      base = layer.config(names.front());
+    layer.update_layer(name, config.lora_config(to_load[i], base));
+    layer.set_lora_A(name, values[i].a);
+    layer.set_lora_B(name, values[i].b);
+    if (config.use_dora) layer.set_lora_magnitude(name, values[i].m);
   }
   return config;
 }
 
-// Writes DIR/adapter_model.safetensors (A and B of every mapped module, as dtype) and
-// DIR/adapter_config.json (config.to_json()), each atomically; creates DIR if needed. Every
-// module must be targeted by config, with the r, alpha and rsLoRA flag the config gives it;
-// otherwise nothing is written.
+// Writes DIR/adapter_model.safetensors (A and B of every mapped module, and DoRA's magnitude, as
+// dtype) and DIR/adapter_config.json (config.to_json()), each atomically; creates DIR if needed.
+// The adapter saved is `adapter` in every layer, or each layer's one active adapter when empty.
+// Every module must be targeted by config, with the r, alpha, rsLoRA and DoRA flags the config
+// gives it; otherwise nothing is written.
 template <class Scalar>
 void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, const PeftConfig& config,
-                  Dtype dtype = Dtype::F32) {
+                  Dtype dtype = Dtype::F32, const std::string& adapter = "") {
   namespace fs = std::filesystem;
   if (dtype != Dtype::F32 && dtype != Dtype::F16 && dtype != Dtype::BF16 && dtype != Dtype::F64)
     detail::fail("save_adapter: dtype ", dtype_name(dtype), " is not a float type (F32, F16, BF16 or F64)");
@@ -442,7 +492,12 @@ void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, cons
   std::vector<std::string> problems;
   SafeTensorsBuilder b;
   for (const auto& [module, layer] : modules) {
-    const LoraConfig& lc = layer->config();
+    if (!adapter.empty() && !layer->has_adapter(adapter)) {
+      problems.push_back(module + " has no adapter '" + adapter + "'");
+      continue;
+    }
+    const std::string name = detail::adapter_of(*layer, adapter);
+    const LoraConfig& lc = layer->config(name);
     if (!config.targets(module)) {
       problems.push_back(module + " is not selected by target_modules");
       continue;
@@ -453,8 +508,13 @@ void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, cons
       problems.push_back(module + " has alpha = " + detail::cat(lc.alpha) + ", the config gives " + detail::cat(config.alpha_for(module)));
     if (lc.use_rslora != config.use_rslora)
       problems.push_back(module + " has use_rslora = " + (lc.use_rslora ? "true" : "false") + ", the config differs");
-    b.add(detail::kPeftPrefix + module + ".lora_A.weight", layer->lora_A(), dtype);
-    b.add(detail::kPeftPrefix + module + ".lora_B.weight", layer->lora_B(), dtype);
+    if (lc.use_dora != config.use_dora)
+      problems.push_back(module + " has use_dora = " + (lc.use_dora ? "true" : "false") + ", the config differs");
+    b.add(detail::kPeftPrefix + module + ".lora_A.weight", layer->lora_A(name), dtype);
+    b.add(detail::kPeftPrefix + module + ".lora_B.weight", layer->lora_B(name), dtype);
+    if (lc.use_dora)  // PEFT's key: the magnitude's ".weight" is dropped when saving
+      b.add(detail::kPeftPrefix + module + ".lora_magnitude_vector", layer->lora_magnitude(name), dtype,
+            {static_cast<std::uint64_t>(layer->out_features())});
   }
   if (!problems.empty()) detail::fail("save_adapter: ", dir, ": ", detail::join(problems));
   const std::string text = config.to_json();
@@ -467,21 +527,23 @@ void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, cons
                                         std::vector<std::uint8_t>(text.begin(), text.end()));
 }
 
-// A config that describes the mapped layers as they are: target_modules lists their paths, r and
-// alpha are the most common values, and rank_pattern/alpha_pattern name (by full path) the
-// modules that differ. All layers must agree on use_rslora.
+// A config that describes the mapped layers' adapter `adapter` (each layer's one active adapter
+// when empty) as they are: target_modules lists their paths, r and alpha are the most common
+// values, and rank_pattern/alpha_pattern name (by full path) the modules that differ. All layers
+// must agree on use_rslora and use_dora.
 template <class Scalar>
-PeftConfig peft_config_for(const ModuleMap<Scalar>& modules) {
+PeftConfig peft_config_for(const ModuleMap<Scalar>& modules, const std::string& adapter = "") {
   if (modules.size() == 0) detail::fail("peft_config_for: no modules");
   PeftConfig c;
   std::map<int, int> ranks;
   std::map<double, int> alphas;
-  const LoraConfig& first = modules.begin()->second->config();
+  auto config_of = [&](const LoraLinear<Scalar>& layer) -> const LoraConfig& { return layer.config(detail::adapter_of(layer, adapter)); };
+  const LoraConfig& first = config_of(*modules.begin()->second);
   for (const auto& [module, layer] : modules) {
-    const LoraConfig& lc = layer->config();
-    if (lc.use_rslora != first.use_rslora)
-      detail::fail("peft_config_for: ", module, " has use_rslora = ", lc.use_rslora, ", ", modules.begin()->first,
-                   " has ", first.use_rslora, "; one adapter has one value");
+    const LoraConfig& lc = config_of(*layer);
+    if (lc.use_rslora != first.use_rslora || lc.use_dora != first.use_dora)
+      detail::fail("peft_config_for: ", module, " has use_rslora = ", lc.use_rslora, ", use_dora = ", lc.use_dora, "; ",
+                   modules.begin()->first, " has ", first.use_rslora, ", ", first.use_dora, "; one adapter has one value");
     ++ranks[lc.r];
     ++alphas[lc.alpha];
     c.target_modules.push_back(module);
@@ -496,13 +558,15 @@ PeftConfig peft_config_for(const ModuleMap<Scalar>& modules) {
   c.lora_alpha = most(alphas);
   c.lora_dropout = first.dropout;
   c.use_rslora = first.use_rslora;
+  c.use_dora = first.use_dora;
   c.fan_in_fan_out = first.fan_in_fan_out;
   for (const auto& [module, layer] : modules) {
     // A full path as a pattern key matches only that module (and paths ending in it).
     std::string key;
     for (char ch : module) key += (ch == '.' ? std::string("\\.") : std::string(1, ch));
-    if (layer->config().r != c.r) c.rank_pattern.emplace_back(key, layer->config().r);
-    if (layer->config().alpha != c.lora_alpha) c.alpha_pattern.emplace_back(key, layer->config().alpha);
+    const LoraConfig& lc = config_of(*layer);
+    if (lc.r != c.r) c.rank_pattern.emplace_back(key, lc.r);
+    if (lc.alpha != c.lora_alpha) c.alpha_pattern.emplace_back(key, lc.alpha);
   }
   return c;
 }
