@@ -118,7 +118,8 @@ class LoraLinear {
   // A layer holds any number of adapters by name, each with its own r, alpha, rsLoRA flag,
   // dropout, init, seed and DoRA flag. The active ones (set_adapter) sum their updates in
   // forward and are the ones trained; the others are kept but unused. Adding, selecting and
-  // deleting never touch W (set_adapter unmerges first, as PEFT's set_adapter does).
+  // deleting never touch W, except that set_adapter unmerges first when something is merged
+  // (as PEFT's LoraModel.set_adapter does).
   // fan_in_fan_out is the layer's (how W is stored); the bias mode and exact_unmerge must be
   // the same for every adapter of a layer. A DoRA adapter is active or merged only alone.
   //
