@@ -1,7 +1,10 @@
 #include <lora/linear.hpp>
+#include <lora/safetensors.hpp>
 
 #include "fixture_cases.hpp"
 #include "test_util.hpp"
+
+#include <nlohmann/json.hpp>
 
 #include <cstring>
 #include <thread>
