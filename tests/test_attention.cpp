@@ -151,6 +151,46 @@ TEST(Attention, EvalForwardIsThreadSafe) {
   for (int t = 0; t < 4; ++t) EXPECT_EQ(got[t], expect[t]);
 }
 
+TEST(Attention, LargeBatchRunsHeadsInParallelAndEqualsEachSequenceAlone) {
+  // batch·heads·T·S·dh = 10·4·32·32·8 is above the size at which the (sequence, head) pairs run
+  // in parallel (when OpenMP is on); one sequence alone is below it and runs them in turn.
+  const Eigen::Index d = 32, T = 32, batch = 10;
+  auto att = make_attention(d, 4, {"q_proj", "k_proj", "v_proj", "o_proj"});
+  const MatD x = random_mat(batch * T, d, 11), dy = random_mat(batch * T, d, 12);
+  AttentionMask<double> mask;
+  mask.causal = true;
+  mask.key_padding = lora::Mat<std::uint8_t>::Zero(batch, T);
+  for (Eigen::Index b = 0; b < batch; ++b) mask.key_padding.row(b).tail(b).setOnes();  // b padded keys
+
+  const MatD y_eval = att.forward(x, batch, mask);
+  att.zero_grad();
+  const MatD y = att.forward_train(x, batch, mask);
+  const MatD dx = att.backward(dy).self();
+  std::vector<MatD> grads;
+  for (const auto& p : att.parameters()) grads.push_back(p.grad);
+
+  att.zero_grad();  // the sequences one by one: their LoRA gradients add up
+  double err_y = 0, err_dx = 0, err_eval = 0;
+  for (Eigen::Index b = 0; b < batch; ++b) {
+    AttentionMask<double> mb;
+    mb.causal = true;
+    mb.key_padding = mask.key_padding.row(b);
+    const MatD xb = x.middleRows(b * T, T);
+    err_eval = std::max(err_eval, max_abs(att.forward(xb, 1, mb) - y_eval.middleRows(b * T, T)));
+    err_y = std::max(err_y, max_abs(att.forward_train(xb, 1, mb) - y.middleRows(b * T, T)));
+    err_dx = std::max(err_dx, max_abs(att.backward(dy.middleRows(b * T, T)).self() - dx.middleRows(b * T, T)));
+  }
+  EXPECT_LT(err_eval, 1e-13);
+  EXPECT_LT(err_y, 1e-13);
+  EXPECT_LT(err_dx, 1e-12);
+  const auto params = att.parameters();
+  ASSERT_EQ(params.size(), grads.size());
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    EXPECT_GT(max_abs(grads[i]), 1e-3) << params[i].name;
+    EXPECT_LT(max_abs(params[i].grad - grads[i]), 1e-11) << params[i].name;
+  }
+}
+
 TEST(Attention, FullyMaskedQueriesGiveTheOutputBiasAndNoNaN) {
   auto att = make_attention(8, 2, {"q_proj", "v_proj"});
   AttentionMask<double> mask;

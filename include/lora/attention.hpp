@@ -16,9 +16,10 @@
 // attention output is zero (then o_proj's bias) and no gradient flows through it. (PyTorch
 // gives NaN there.)
 //
-// Training keeps Q, K, V, O (4 × (batch·T or batch·S, d)) and P (batch·heads·T, S), plus
-// backward's workspaces of the same sizes, all reused from call to call; each LoRA projection
-// also keeps its own input (see LoraLinear). backward consumes the cache and returns
+// Training keeps Q, K, V, O (4 × (batch·T or batch·S, d)) and P (batch·heads·T, S); backward's
+// workspaces are dO, dQ, dK, dV of the same sizes as O, Q, K, V and one (T, S) matrix per
+// thread, all reused from call to call; each LoRA projection also keeps its own input (see
+// LoraLinear). The (sequence, head) pairs run in parallel. backward consumes the cache and returns
 // dQuery, dKey, dValue; the self-attention form sums all three, the cross form sums dKey and
 // dValue into dContext.
 #pragma once
@@ -131,17 +132,12 @@ class LoraAttention {
   // and P live in per-thread workspaces, so repeated calls allocate nothing.
   void forward(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask, Mat& y) const {
     Shapes s = check("forward", query, key, value, batch, mask);
-    thread_local Mat Q, K, V, O, P;
+    thread_local Mat Q, K, V, O;
     project(q, query, Q);
     project(k, key, K);
     project(v, value, V);
     O.resize(query.rows(), d_);
-    P.resize(s.T, s.S);
-    for (Index b = 0; b < batch; ++b)
-      for (int h = 0; h < config_.heads; ++h) {
-        attend_probs(Q, K, b, h, s, mask, P);
-        O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * V.block(b * s.S, h * dh_, s.S, dh_);
-      }
+    attend(Q, K, V, s, mask, O, nullptr);
     project(o, O, y);
   }
   Mat forward(const MatRef& x, Index batch, const Mask& mask = {}) const { return forward(x, x, x, batch, mask); }
@@ -166,12 +162,7 @@ class LoraAttention {
     project_train(v, value, c.V);
     c.P.resize(batch * config_.heads * s.T, s.S);
     c.O.resize(query.rows(), d_);
-    for (Index b = 0; b < batch; ++b)
-      for (int h = 0; h < config_.heads; ++h) {
-        Eigen::Ref<Mat> P = c.P.block((b * config_.heads + h) * s.T, 0, s.T, s.S);
-        attend_probs(c.Q, c.K, b, h, s, mask, P);
-        c.O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * c.V.block(b * s.S, h * dh_, s.S, dh_);
-      }
+    attend(c.Q, c.K, c.V, s, mask, c.O, &c.P);
     Mat y;
     project_train(o, c.O, y);
     c.shapes = s;
@@ -202,20 +193,23 @@ class LoraAttention {
     c.dQ.resize(c.Q.rows(), d_);
     c.dK.resize(c.K.rows(), d_);
     c.dV.resize(c.V.rows(), d_);
-    c.dP.resize(s.T, s.S);
-    Mat& dP = c.dP;
-    for (Index b = 0; b < s.batch; ++b)
-      for (int h = 0; h < config_.heads; ++h) {
-        const auto P = c.P.block((b * config_.heads + h) * s.T, 0, s.T, s.S);
-        const auto dOb = c.dO.block(b * s.T, h * dh_, s.T, dh_);
-        dP.noalias() = dOb * c.V.block(b * s.S, h * dh_, s.S, dh_).transpose();
-        c.dV.block(b * s.S, h * dh_, s.S, dh_).noalias() = P.transpose() * dOb;
-        // softmax backward, then the 1/√dh of the scores; rows of P that are zero stay zero
-        const Vec rows = (P.array() * dP.array()).rowwise().sum();
-        dP = (P.array() * (dP.colwise() - rows).array()) * scale;
-        c.dQ.block(b * s.T, h * dh_, s.T, dh_).noalias() = dP * c.K.block(b * s.S, h * dh_, s.S, dh_);
-        c.dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.transpose() * c.Q.block(b * s.T, h * dh_, s.T, dh_);
-      }
+    const int tasks = static_cast<int>(s.batch) * config_.heads;
+#pragma omp parallel for schedule(static) if (parallel_heads(s))
+    for (int task = 0; task < tasks; ++task) {
+      const Index b = task / config_.heads;
+      const int h = task % config_.heads;
+      thread_local Mat dP;  // per thread (T, S)
+      thread_local Vec rows;
+      const auto P = c.P.block(task * s.T, 0, s.T, s.S);
+      const auto dOb = c.dO.block(b * s.T, h * dh_, s.T, dh_);
+      dP.noalias() = dOb * c.V.block(b * s.S, h * dh_, s.S, dh_).transpose();
+      c.dV.block(b * s.S, h * dh_, s.S, dh_).noalias() = P.transpose() * dOb;
+      // softmax backward, then the 1/√dh of the scores; rows of P that are zero stay zero
+      rows = (P.array() * dP.array()).rowwise().sum();
+      dP = (P.array() * (dP.colwise() - rows).array()) * scale;
+      c.dQ.block(b * s.T, h * dh_, s.T, dh_).noalias() = dP * c.K.block(b * s.S, h * dh_, s.S, dh_);
+      c.dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.transpose() * c.Q.block(b * s.T, h * dh_, s.T, dh_);
+    }
     project_backward(q, c.dQ, g.d_query);
     project_backward(k, c.dK, g.d_key);
     project_backward(v, c.dV, g.d_value);
@@ -286,7 +280,7 @@ class LoraAttention {
   };
   struct Cache {
     Mat Q, K, V, P, O;     // kept for backward
-    Mat dO, dQ, dK, dV, dP;  // backward's workspaces, reused
+    Mat dO, dQ, dK, dV;    // backward's workspaces, reused
     Shapes shapes;
     bool valid = false;
   };
@@ -314,6 +308,30 @@ class LoraAttention {
       detail::fail(where, "additive mask is ", detail::shape(mask.additive.rows(), mask.additive.cols()),
                    ", expected ", detail::shape(s.T, s.S));
     return s;
+  }
+
+  // The (sequence, head) pairs are independent: they run in parallel (OpenMP, lora's thread
+  // count) when there is enough work. Each writes its own blocks, so results do not depend on
+  // the thread count; the GEMMs inside run on one thread each.
+  bool parallel_heads(const Shapes& s) const {
+    return s.batch * config_.heads > 1 && s.batch * config_.heads * s.T * s.S * dh_ >= (Index(1) << 18);
+  }
+
+  // O_bh = softmax(Q_bh·K_bhᵀ/√dh + mask)·V_bh for every sequence b and head h. P_keep, when
+  // given, receives every P_bh (row block b·heads + h, as backward reads them); otherwise each
+  // thread uses a (T, S) workspace of its own.
+  void attend(const Mat& Q, const Mat& K, const Mat& V, const Shapes& s, const Mask& mask, Mat& O, Mat* P_keep) const {
+    const int tasks = static_cast<int>(s.batch) * config_.heads;
+#pragma omp parallel for schedule(static) if (parallel_heads(s))
+    for (int task = 0; task < tasks; ++task) {
+      const Index b = task / config_.heads;
+      const int h = task % config_.heads;
+      thread_local Mat P_work;
+      if (!P_keep) P_work.resize(s.T, s.S);
+      Eigen::Ref<Mat> P = P_keep ? Eigen::Ref<Mat>(P_keep->middleRows(task * s.T, s.T)) : Eigen::Ref<Mat>(P_work);
+      attend_probs(Q, K, b, h, s, mask, P);
+      O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * V.block(b * s.S, h * dh_, s.S, dh_);
+    }
   }
 
   // P <- softmax(Q_bh·K_bhᵀ/√dh + mask) by rows, max-subtracted; fully hidden rows are zero.
