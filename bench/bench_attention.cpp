@@ -27,7 +27,7 @@ lora::LoraAttention<float> make_attention() {
   cfg.lora.alpha = 16;
   cfg.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
   lora::LoraAttention<float> att(std::move(w), cfg);
-  for (auto p : {att.q, att.k, att.v, att.o}) att.lora(p)->set_lora_B(random(kD, kR, 10 + p, 0.01f));
+  for (int p = 0; p < 4; ++p) att.lora(att.kNames[p])->set_lora_B(random(kD, kR, 10 + p, 0.01f));
   return att;
 }
 

@@ -3,6 +3,7 @@
 #include "fixture_cases.hpp"
 #include "test_util.hpp"
 
+#include <limits>
 #include <thread>
 
 using lora::AttentionConfig;
@@ -12,13 +13,6 @@ using MatD = lora::Mat<double>;
 using Att = LoraAttention<double>;
 
 namespace {
-
-MatD random_mat(Eigen::Index r, Eigen::Index c, std::uint64_t seed, double scale = 1.0) {
-  lora::detail::Rng rng(seed);
-  MatD m(r, c);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = scale * rng.normal();
-  return m;
-}
 
 lora::AttentionWeights<double> weights(Eigen::Index d, std::uint64_t seed) {
   lora::AttentionWeights<double> w;
@@ -44,7 +38,7 @@ Att make_attention(Eigen::Index d, int heads, std::vector<std::string> targets, 
   cfg.target_modules = std::move(targets);
   Att att(weights(d, 1), cfg);
   for (int p = 0; p < 4; ++p)
-    if (auto* l = att.lora(static_cast<Att::Proj>(p))) l->set_lora_B(random_mat(d, 2, 20 + p, 0.3));
+    if (auto* l = att.lora(Att::kNames[p])) l->set_lora_B(random_mat(d, 2, 20 + p, 0.3));
   return att;
 }
 
@@ -111,7 +105,7 @@ TEST(Attention, CrossPaddedGradientsMatchFiniteDifferences) {
 // frozen.
 TEST(Attention, SingleHeadWithFrozenOutputProjection) {
   auto att = make_attention(6, 1, {"q_proj", "k_proj", "v_proj"});
-  EXPECT_EQ(att.lora(Att::o), nullptr);
+  EXPECT_EQ(att.lora(Att::Proj::o), nullptr);
   EXPECT_EQ(att.parameters().size(), 6u);
   EXPECT_EQ(att.trainable_parameters(), 3 * (2 * 6 + 6 * 2));
   const MatD x = random_mat(4, 6, 6);
@@ -250,5 +244,57 @@ TEST(Attention, InvalidShapesThrowAndChangeNothing) {
   EXPECT_LORA_ERROR(att.backward(random_mat(6, 9, 1)), "dY is (6, 9), expected (6, 8)");
   const auto g = att.backward(dy);
   EXPECT_TRUE(g.self().allFinite());
-  EXPECT_GT(max_abs(att.lora(Att::q)->grad_A()), 0.0);
+  EXPECT_GT(max_abs(att.lora(Att::Proj::q)->grad_A()), 0.0);
+}
+
+// A merge between forward_train and backward is refused before any projection accumulates a
+// gradient (before: a dX off by 1.5 in a layer whose |dX| <= 10.8).
+TEST(Attention, BackwardAfterAMergeIsRefusedAndChangesNoGradient) {
+  Att att = make_attention(8, 2, {"q_proj", "v_proj", "o_proj"});
+  const MatD x = random_mat(6, 8, 1), dy = random_mat(6, 8, 2);
+  att.forward_train(x, 2);
+  att.lora(Att::Proj::q)->merge();  // one projection, directly
+  EXPECT_LORA_ERROR(att.backward(dy), "LoraAttention::backward", "q_proj", "discarded by merge()");
+  for (const char* p : {"q_proj", "v_proj", "o_proj"}) EXPECT_EQ(max_abs(att.lora(p)->grad_B()), 0.0) << p;
+  att.unmerge();
+  att.forward_train(x, 2);
+  att.merge();
+  EXPECT_LORA_ERROR(att.backward(dy), "discarded by merge()");
+  for (const char* p : {"q_proj", "v_proj", "o_proj"}) EXPECT_EQ(max_abs(att.lora(p)->grad_B()), 0.0) << p;
+}
+
+// safe_merge checks every projection before merging any (before: q_proj was merged when v_proj's
+// check failed).
+TEST(Attention, SafeMergeIsAllOrNothing) {
+  lora::AttentionWeights<double> w = weights(8, 1);
+  w.v_proj(3, 4) = std::numeric_limits<double>::quiet_NaN();
+  AttentionConfig cfg;
+  cfg.heads = 2;
+  cfg.target_modules = {"q_proj", "v_proj"};
+  Att att(std::move(w), cfg);
+  att.lora(Att::Proj::q)->set_lora_B(random_mat(8, 8, 3));
+  att.lora(Att::Proj::v)->set_lora_B(random_mat(8, 8, 4));
+  const MatD q_before = att.lora(Att::Proj::q)->weight();
+  EXPECT_LORA_ERROR(att.safe_merge(), "v_proj", "non-finite", "no layer was changed");
+  EXPECT_FALSE(att.is_merged());
+  EXPECT_FALSE(att.lora(Att::Proj::q)->is_merged());
+  EXPECT_EQ(MatD(att.lora(Att::Proj::q)->weight()), q_before);
+  // A finite W + ΔW that overflows is refused the same way.
+  lora::AttentionWeights<double> w2 = weights(8, 1);
+  AttentionConfig cfg2 = cfg;
+  Att big(std::move(w2), cfg2);
+  big.lora(Att::Proj::q)->set_lora_B(random_mat(8, 8, 3));
+  big.lora(Att::Proj::v)->set_lora_B(MatD::Constant(8, 8, 1e308));
+  big.lora(Att::Proj::v)->set_lora_A(MatD::Constant(8, 8, 1e308));
+  EXPECT_LORA_ERROR(big.safe_merge(), "v_proj", "non-finite");
+  EXPECT_FALSE(big.lora(Att::Proj::q)->is_merged());
+  EXPECT_NO_THROW(att.unmerge());
+}
+
+TEST(Attention, ProjectionsByName) {
+  Att att = make_attention(8, 2, {"q_proj"});
+  EXPECT_EQ(att.lora("q_proj"), att.lora(Att::Proj::q));
+  EXPECT_EQ(att.lora("k_proj"), nullptr);
+  EXPECT_LORA_ERROR(att.lora("x_proj"), "no projection 'x_proj'");
+  EXPECT_EQ(att.modules().size(), 1u);
 }

@@ -73,7 +73,7 @@ TEST(Embedding, MergeAddsTheTransposedDeltaAndExactUnmergeRestoresW) {
   const MatD y = e.forward(ids);
   EXPECT_LT((e.delta_weight() - 4 / std::sqrt(2.0) * (e.lora_B() * e.lora_A()).transpose()).cwiseAbs().maxCoeff(), 1e-14);
   e.merge();
-  EXPECT_TRUE(e.merged());
+  EXPECT_TRUE(e.is_merged());
   EXPECT_LT((e.forward(ids) - y).cwiseAbs().maxCoeff(), 1e-13);
   EXPECT_LORA_ERROR(e.forward_train(ids), "LoraEmbedding::forward_train", "merged");
   EXPECT_LORA_ERROR(e.set_lora_B(MatD::Zero(4, 2)), "set_lora_B", "merged");

@@ -1,4 +1,4 @@
-#include <lora/encoder.hpp>
+#include <lora/models/encoder.hpp>
 
 #include "test_util.hpp"
 
@@ -9,13 +9,6 @@ using lora::EncoderConfig;
 using MatD = lora::Mat<double>;
 
 namespace {
-
-MatD random_mat(lora::Index r, lora::Index c, std::uint64_t seed, double scale = 1.0) {
-  lora::detail::Rng rng(seed);
-  MatD m(r, c);
-  for (lora::Index i = 0; i < m.size(); ++i) m.data()[i] = scale * (2 * rng.uniform() - 1);
-  return m;
-}
 
 EncoderConfig make_config(std::vector<std::string> targets, int adapter_rank, double adapter_dropout = 0) {
   EncoderConfig c;
@@ -34,12 +27,12 @@ EncoderConfig make_config(std::vector<std::string> targets, int adapter_rank, do
 void randomize_updates(EncoderBlock<double>& b) {
   std::uint64_t s = 100;
   for (auto& p : b.parameters())
-    if (p.name.find("lora_B") != std::string::npos || p.name == "adapter.V") p.value = random_mat(p.value.rows(), p.value.cols(), ++s, 0.5);
+    if (p.name.find("lora_B") != std::string::npos || p.name == "adapter.V") p.value = random_uniform(p.value.rows(), p.value.cols(), ++s, 0.5);
 }
 
 // Central differences in double for every trainable tensor and for dX.
 void check_gradients(EncoderBlock<double>& block, const MatD& x, lora::Index batch, const lora::AttentionMask<double>& mask) {
-  const MatD dy = random_mat(x.rows(), x.cols(), 77);
+  const MatD dy = random_uniform(x.rows(), x.cols(), 77);
   auto loss = [&](const MatD& xin) {
     block.reseed(5);
     return (block.forward_train(xin, batch, mask).array() * dy.array()).sum();
@@ -64,7 +57,7 @@ TEST(Encoder, LoraAndAdapterGradientsMatchFiniteDifferences) {
                                              "adapter.U", "adapter.V", "fc1.lora_A.default", "fc1.lora_B.default"}));
   lora::AttentionMask<double> causal;
   causal.causal = true;
-  check_gradients(block, random_mat(2 * 3, 8, 1), 2, causal);
+  check_gradients(block, random_uniform(2 * 3, 8, 1), 2, causal);
 }
 
 TEST(Encoder, FullTrainingGradientsMatchFiniteDifferences) {
@@ -72,16 +65,16 @@ TEST(Encoder, FullTrainingGradientsMatchFiniteDifferences) {
   randomize_updates(block);
   block.set_base_trainable(true);
   // LayerNorms: move γ and β off 1 and 0 so their gradients are not special.
-  block.ln1().gamma() = random_mat(8, 1, 3).col(0).array() + 1.0;
-  block.ln2().beta() = random_mat(8, 1, 4).col(0);
+  block.ln1().gamma() = random_uniform(8, 1, 3).col(0).array() + 1.0;
+  block.ln2().beta() = random_uniform(8, 1, 4).col(0);
   lora::Index n = 0;
   for (auto& p : block.parameters()) n += p.value.size();
   EXPECT_EQ(n, block.parameter_count());  // everything trains
-  check_gradients(block, random_mat(2 * 4, 8, 2), 2, {});
+  check_gradients(block, random_uniform(2 * 4, 8, 2), 2, {});
 }
 
 TEST(Encoder, FreshAdaptersChangeNothing) {
-  const MatD x = random_mat(6, 8, 1);
+  const MatD x = random_uniform(6, 8, 1);
   const EncoderBlock<double> plain(8, make_config({}, 0));
   const EncoderBlock<double> adapted(8, make_config({"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 4));
   EXPECT_EQ(plain.forward(x, 2), adapted.forward(x, 2));  // B = 0 and V = 0, same base weights
@@ -94,8 +87,8 @@ TEST(Encoder, LoraTrainingLeavesBaseWeightsUnchangedAndMergeAgrees) {
     c.lora.dropout = 0.1;
     return c;
   }());
-  const lora::Mat<float> W0 = block.fc1().weight(), Q0 = block.attention().lora(lora::LoraAttention<float>::q)->weight();
-  const lora::Mat<float> x = random_mat(8, 16, 1).cast<float>(), target = random_mat(8, 16, 2).cast<float>();
+  const lora::Mat<float> W0 = block.fc1().weight(), Q0 = block.attention().lora("q_proj")->weight();
+  const lora::Mat<float> x = random_uniform(8, 16, 1).cast<float>(), target = random_uniform(8, 16, 2).cast<float>();
   double first = 0, last = 0;
   for (int step = 0; step < 50; ++step) {
     const lora::Mat<float> err = block.forward_train(x, 2) - target;
@@ -106,7 +99,7 @@ TEST(Encoder, LoraTrainingLeavesBaseWeightsUnchangedAndMergeAgrees) {
   }
   EXPECT_LT(last, 0.9 * first);  // LoRA alone fits part of the target
   EXPECT_EQ(block.fc1().weight(), W0);
-  EXPECT_EQ(block.attention().lora(lora::LoraAttention<float>::q)->weight(), Q0);
+  EXPECT_EQ(block.attention().lora("q_proj")->weight(), Q0);
   const lora::Mat<float> y = block.forward(x, 2);
   block.merge();
   EXPECT_LE((block.forward(x, 2) - y).cwiseAbs().maxCoeff(), 1e-5f * y.cwiseAbs().maxCoeff());

@@ -1,4 +1,4 @@
-#include <lora/idx.hpp>
+#include "idx.hpp"
 
 #include "test_util.hpp"
 

@@ -9,13 +9,6 @@ using VecD = lora::Vec<double>;
 
 namespace {
 
-MatD random_mat(Eigen::Index r, Eigen::Index c, std::uint64_t seed, double scale = 1.0) {
-  lora::detail::Rng rng(seed);
-  MatD m(r, c);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = scale * rng.normal();
-  return m;
-}
-
 // Central differences of L = Σ dy ⊙ f() with respect to every element of v.
 template <class Target>
 void expect_gradient(const std::function<MatD()>& f, Target& v, const MatD& dy, const Eigen::Ref<const MatD>& grad,

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstring>
+#include <functional>
 #include <thread>
 
 using lora::BiasMode;
@@ -17,14 +18,6 @@ using MatF = lora::Mat<float>;
 using VecD = lora::Vec<double>;
 
 namespace {
-
-template <class M>
-M random_mat(Eigen::Index r, Eigen::Index c, std::uint64_t seed, double scale = 1.0) {
-  lora::detail::Rng rng(seed);
-  M m(r, c);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<typename M::Scalar>(scale * rng.normal());
-  return m;
-}
 
 LoraConfig config(int r, double alpha, double p = 0, BiasMode bias = BiasMode::frozen) {
   LoraConfig c;
@@ -564,4 +557,76 @@ TEST(Dora, MergeAndUnmergeInBothLayoutsAndRefusals) {
   plain.set_base_trainable(true);
   EXPECT_LORA_ERROR(plain.update_layer(cfg), "update_layer", "use_dora", "base trains");
   EXPECT_TRUE(plain.lora_magnitude().size() == 0);
+}
+
+// Every call that changes what backward computes with, made between forward_train and backward,
+// discards the cache: backward refuses, naming the call, and no gradient changes. (Before, a
+// merge in between gave a dX off by the merged update.)
+TEST(Linear, BackwardAfterAStateChangeIsRefusedNamingTheCall) {
+  const MatD x = random_mat(4, 6, 1), dy = random_mat(4, 5, 2);
+  auto make = [] {
+    LoraConfig c = config(2, 4);
+    c.exact_unmerge = true;
+    LoraLinear<double> l(random_mat(5, 6, 3), random_mat(5, 1, 4).col(0), c);
+    l.set_lora_B(random_mat(5, 2, 5));
+    l.add_adapter("other", c);
+    return l;
+  };
+  const std::vector<std::pair<std::string, std::function<void(LoraLinear<double>&)>>> changes = {
+      {"merge", [](LoraLinear<double>& l) { l.merge(); }},
+      {"safe_merge", [](LoraLinear<double>& l) { l.safe_merge(); }},
+      {"merge", [](LoraLinear<double>& l) { l.merge({"other"}); }},
+      {"set_adapter", [](LoraLinear<double>& l) { l.set_adapter({"default", "other"}); }},
+      {"delete_adapter", [](LoraLinear<double>& l) { l.delete_adapter("other"); }},
+      {"add_adapter", [](LoraLinear<double>& l) { l.add_adapter("third", l.config()); }},
+      {"update_layer", [](LoraLinear<double>& l) { l.update_layer("other", l.config()); }},
+      {"set_weight", [](LoraLinear<double>& l) { l.set_weight(MatD::Zero(5, 6)); }},
+      {"set_lora_A", [](LoraLinear<double>& l) { l.set_lora_A(MatD::Zero(2, 6)); }},
+      {"set_lora_B", [](LoraLinear<double>& l) { l.set_lora_B(MatD::Zero(5, 2)); }},
+      {"enable_adapters", [](LoraLinear<double>& l) { l.enable_adapters(false); }},
+      {"set_base_trainable", [](LoraLinear<double>& l) { l.set_base_trainable(true); }},
+  };
+  for (const auto& [name, change] : changes) {
+    SCOPED_TRACE(name);
+    LoraLinear<double> l = make();
+    l.forward_train(x);
+    change(l);
+    EXPECT_FALSE(l.ready_for_backward());
+    EXPECT_LORA_ERROR(l.backward(dy), "LoraLinear::backward", "discarded by " + name + "()", "forward_train again");
+    EXPECT_EQ(l.grad_A("default").cwiseAbs().maxCoeff(), 0.0);
+    EXPECT_EQ(l.grad_B("default").cwiseAbs().maxCoeff(), 0.0);
+  }
+  // A merge and unmerge in between (W exactly restored) still discard the cache, naming the first
+  // call; forward_train itself is refused while merged.
+  LoraLinear<double> l = make();
+  l.merge();
+  EXPECT_LORA_ERROR(l.forward_train(x), "merged");
+  l.unmerge();
+  l.forward_train(x);
+  l.merge();
+  l.unmerge();
+  EXPECT_LORA_ERROR(l.backward(dy), "discarded by merge()");
+  // After a fresh forward_train, backward works and equals a layer that never changed.
+  l.forward_train(x);
+  const MatD dx = l.backward(dy);
+  LoraLinear<double> same = make();
+  same.forward_train(x);
+  EXPECT_EQ(dx, same.backward(dy));
+  EXPECT_EQ(l.grad_A(), same.grad_A());
+  // Calls that change nothing backward uses keep the cache.
+  l.forward_train(x);
+  l.zero_grad();
+  (void)l.forward(x);
+  l.merge({});
+  EXPECT_TRUE(l.ready_for_backward());
+  EXPECT_NO_THROW(l.backward(dy));
+}
+
+TEST(Linear, DoraMagnitudeChangeDiscardsTheCache) {
+  LoraConfig c = config(2, 4);
+  c.use_dora = true;
+  LoraLinear<double> l(random_mat(5, 6, 3), std::nullopt, c);
+  l.forward_train(random_mat(3, 6, 1));
+  l.set_lora_magnitude(lora::Vec<double>::Ones(5));
+  EXPECT_LORA_ERROR(l.backward(random_mat(3, 5, 2)), "discarded by set_lora_magnitude()");
 }

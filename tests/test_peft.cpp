@@ -1,3 +1,4 @@
+#include <lora/lora_model.hpp>
 #include <lora/peft.hpp>
 
 #include "test_util.hpp"
@@ -169,8 +170,8 @@ TEST(Peft, SaveThenLoadRoundTripsBitExactlyInEveryDtype) {
   lora::save_adapter((dir / "f64").string(), model.modules(), cfg, lora::Dtype::F64);
   std::ifstream a(dir / "f64" / "adapter_model.safetensors", std::ios::binary), b(kPatterns + "/adapter/adapter_model.safetensors", std::ios::binary);
   EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(a), {}, std::istreambuf_iterator<char>(b), {}));
-  EXPECT_EQ(nlohmann::json::parse(lora::PeftConfig::read_text((dir / "f64" / "adapter_config.json").string())),
-            nlohmann::json::parse(lora::PeftConfig::read_text(kPatterns + "/adapter/adapter_config.json")));
+  EXPECT_EQ(nlohmann::json::parse(lora::detail::read_text((dir / "f64" / "adapter_config.json").string())),
+            nlohmann::json::parse(lora::detail::read_text(kPatterns + "/adapter/adapter_config.json")));
   for (auto dtype : {lora::Dtype::F32, lora::Dtype::BF16, lora::Dtype::F16}) {
     SCOPED_TRACE(lora::dtype_name(dtype));
     const std::string d = (dir / lora::dtype_name(dtype)).string();
@@ -233,7 +234,7 @@ TEST(Peft, BrokenAdapterDirectoriesChangeNothing) {
   const fs::path root = scratch("broken");
   auto model = tiny_model<double>(kTiny);
   const auto before = snapshot(model.modules());
-  const std::string good_cfg = lora::PeftConfig::read_text(kTiny + "/adapter/adapter_config.json");
+  const std::string good_cfg = lora::detail::read_text(kTiny + "/adapter/adapter_config.json");
   const auto st = lora::SafeTensors::open(kTiny + "/adapter/adapter_model.safetensors");
   const std::string key = "base_model.model.layers.0.self_attn.q_proj.lora_A.weight";
 
@@ -406,7 +407,7 @@ TEST(Peft, DoraAdaptersRoundTripWithTheirMagnitudes) {
   const auto st = lora::SafeTensors::open((dir / "adapter_model.safetensors").string());
   const auto& t = st.info("base_model.model.layers.0.mlp.up_proj.lora_magnitude_vector");
   EXPECT_EQ(t.shape, (std::vector<std::uint64_t>{64}));
-  EXPECT_EQ(nlohmann::json::parse(lora::PeftConfig::read_text((dir / "adapter_config.json").string()))["use_dora"], true);
+  EXPECT_EQ(nlohmann::json::parse(lora::detail::read_text((dir / "adapter_config.json").string()))["use_dora"], true);
 
   auto again = tiny_model<double>(kTiny);
   lora::load_adapter(dir.string(), again.modules());
@@ -419,7 +420,7 @@ TEST(Peft, DoraAdaptersRoundTripWithTheirMagnitudes) {
     EXPECT_EQ(other.forward(x), layer->forward(x));
   }
   // A DoRA file with dropout, or a magnitude in a file whose config says use_dora false, is refused.
-  nlohmann::json j = nlohmann::json::parse(lora::PeftConfig::read_text((dir / "adapter_config.json").string()));
+  nlohmann::json j = nlohmann::json::parse(lora::detail::read_text((dir / "adapter_config.json").string()));
   j["lora_dropout"] = 0.1;
   write(dir / "adapter_config.json", j.dump());
   EXPECT_LORA_ERROR(lora::load_adapter(dir.string(), again.modules()), "use_dora with lora_dropout > 0");
@@ -430,4 +431,52 @@ TEST(Peft, DoraAdaptersRoundTripWithTheirMagnitudes) {
   EXPECT_TRUE(again.modules().at("layers.0.mlp.up_proj").use_dora());  // unchanged by the refusals
   fs::remove_all(dir);
   lora::save_adapter(dir.string(), model.modules(), cfg, lora::Dtype::F32);  // left for the checker
+}
+
+// Both files or neither (before: the weights were replaced, and a later load gave the old
+// config's alpha with the new weights).
+TEST(Peft, SaveAdapterIsAllOrNothing) {
+  const fs::path dir = scratch("all_or_nothing");
+  lora::LoraConfig lc;
+  lc.r = 2;
+  lc.alpha = 4;
+  lora::LoraLinear<double> layer(random_mat(5, 6, 1), std::nullopt, lc);
+  layer.set_lora_B(random_mat(5, 2, 2));
+  lora::ModuleMap<double> modules;
+  modules.add("model.proj", layer);
+  lora::PeftConfig cfg = lora::peft_config_for(modules);
+  lora::save_adapter(dir.string(), modules, cfg);
+  const std::string weights = lora::detail::read_text((dir / "adapter_model.safetensors").string());
+  const std::string config = lora::detail::read_text((dir / "adapter_config.json").string());
+
+  // A new adapter (other alpha, other B) whose config cannot be written: a directory stands in
+  // the config's place.
+  lora::LoraConfig lc2 = lc;
+  lc2.alpha = 16;
+  layer.update_layer(lc2);
+  layer.set_lora_B(random_mat(5, 2, 3));
+  const lora::PeftConfig cfg2 = lora::peft_config_for(modules);
+  const fs::path blocked = scratch("all_or_nothing_blocked");
+  fs::copy(dir, blocked);
+  fs::remove(blocked / "adapter_config.json");
+  fs::create_directories(blocked / "adapter_config.json" / "x");
+  const std::string old_blocked = lora::detail::read_text((blocked / "adapter_model.safetensors").string());
+  EXPECT_LORA_ERROR(lora::save_adapter(blocked.string(), modules, cfg2), "adapter_config.json", "not a regular file");
+  EXPECT_EQ(lora::detail::read_text((blocked / "adapter_model.safetensors").string()), old_blocked);
+
+  // A file-size limit: the weights' temporary file cannot be written; nothing is replaced.
+  with_file_size_limit(64, [&] { EXPECT_LORA_ERROR(lora::save_adapter(dir.string(), modules, cfg2), "write failed"); });
+  EXPECT_EQ(lora::detail::read_text((dir / "adapter_model.safetensors").string()), weights);
+  EXPECT_EQ(lora::detail::read_text((dir / "adapter_config.json").string()), config);
+  std::size_t files = 0;
+  for (const auto& e : fs::directory_iterator(dir)) files += e.is_regular_file();
+  EXPECT_EQ(files, 2u);  // no temporary left behind
+  // The old adapter still loads as it was saved.
+  lora::LoraLinear<double> back(random_mat(5, 6, 1), std::nullopt, lc);
+  lora::ModuleMap<double> back_map;
+  back_map.add("model.proj", back);
+  lora::load_adapter(dir.string(), back_map);
+  EXPECT_EQ(back.config().alpha, 4);
+  fs::remove_all(dir);
+  fs::remove_all(blocked);
 }

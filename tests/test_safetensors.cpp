@@ -225,7 +225,14 @@ TEST(SafeTensors, BuilderRejectsBadInput) {
   lora::Mat<std::int64_t> big(1, 1);
   big << 300;
   EXPECT_LORA_ERROR(b.add("d", big, Dtype::U8), "'d'", "300", "U8");
-  EXPECT_EQ(SafeTensors::from_bytes(b.serialize()).tensors().size(), 1u);
+  // Shapes whose element count wraps around 2^64 (to 0 here) would be written and then refused
+  // by SafeTensors::open.
+  const std::vector<std::uint64_t> huge = {4294967296ULL, 4294967296ULL};
+  EXPECT_LORA_ERROR(b.add("e", MatD::Zero(0, 3), huge), "'e'", "overflows");
+  EXPECT_LORA_ERROR(b.add_raw("f", Dtype::F32, huge, {}), "'f'", "overflows");
+  EXPECT_LORA_ERROR(b.add_raw("g", Dtype::F64, {4611686018427387904ULL}, {}), "'g'", "overflows");
+  b.add_raw("empty", Dtype::F32, {0, 4294967296ULL}, {});  // no elements, whatever the other dimension
+  EXPECT_EQ(SafeTensors::from_bytes(b.serialize()).tensors().size(), 2u);
 }
 
 TEST(SafeTensors, SaveIsAtomic) {
@@ -240,20 +247,12 @@ TEST(SafeTensors, SaveIsAtomic) {
   // A write that fails part-way (file size limit) leaves the old file and no temporary behind.
   SafeTensorsBuilder large;
   large.add("x", MatD::Zero(512, 512));
-  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
-  rlimit old_limit{};
-  ::getrlimit(RLIMIT_FSIZE, &old_limit);
-  rlimit lim = old_limit;
-  lim.rlim_cur = 4096;
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &lim), 0);
-  EXPECT_LORA_ERROR(large.save(path), path, "write failed");
-  ::setrlimit(RLIMIT_FSIZE, &old_limit);
-  std::signal(SIGXFSZ, old_handler);
+  with_file_size_limit(4096, [&] { EXPECT_LORA_ERROR(large.save(path), path, "write failed"); });
   EXPECT_EQ(read_all(path), before);
 
-  // A rename that fails (the target is a directory) leaves the directory and no temporary.
+  // A directory in the file's place is refused before anything is written.
   fs::create_directories(dir / "sub" / "keep");
-  EXPECT_LORA_ERROR(small.save((dir / "sub").string()), "rename failed");
+  EXPECT_LORA_ERROR(small.save((dir / "sub").string()), "not a regular file");
   EXPECT_TRUE(fs::is_directory(dir / "sub" / "keep"));
   EXPECT_LORA_ERROR(small.save((dir / "missing" / "t.safetensors").string()), "missing", "cannot create");
   int files = 0;
@@ -285,6 +284,7 @@ TEST(SafeTensors, RejectsMalformedFiles) {
       {"header too long", make_file(good, 24, 100000001), {"header length 100000001 exceeds the limit"}},
       {"header past the end", make_file(good, 24, good.size() + 30), {"runs past the end of the file"}},
       {"header not an object", make_file("[1,2]   ", 0), {"does not start with '{'"}},
+      {"NUL inside the header", make_file(std::string("{}\0junk", 7), 0), {"NUL byte at offset 2"}},
       {"bad JSON", make_file("{\"a\":{\"dtype\":", 0), {"not valid JSON"}},
       {"not UTF-8", make_file("{\"\xff\":1}", 0), {"not valid JSON"}},
       {"overlapping offsets", make_file("{" + entry("a", "F32", "[4]", 0, 16) + "," + entry("b", "F32", "[2]", 8, 16) + "}", 16),

@@ -7,6 +7,9 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+
+#include <csignal>
 #include <initializer_list>
 #include <string>
 
@@ -29,12 +32,37 @@ inline ::testing::AssertionResult message_has(const std::string& msg, std::initi
     }                                                                     \
   } while (0)
 
-// (r, c) of N(0, 1) values from seed.
-inline lora::Mat<double> random_normal(Eigen::Index r, Eigen::Index c, std::uint64_t seed) {
+// (r, c) of scale·N(0, 1) values from seed, as M (a double matrix unless named).
+template <class M = lora::Mat<double>>
+M random_mat(Eigen::Index r, Eigen::Index c, std::uint64_t seed, double scale = 1.0) {
+  lora::detail::Rng rng(seed);
+  M m(r, c);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<typename M::Scalar>(scale * rng.normal());
+  return m;
+}
+inline lora::Mat<double> random_normal(Eigen::Index r, Eigen::Index c, std::uint64_t seed) { return random_mat(r, c, seed); }
+
+// (r, c) of scale·U(−1, 1) values from seed.
+inline lora::Mat<double> random_uniform(Eigen::Index r, Eigen::Index c, std::uint64_t seed, double scale = 1.0) {
   lora::detail::Rng rng(seed);
   lora::Mat<double> m(r, c);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = rng.normal();
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = scale * (2 * rng.uniform() - 1);
   return m;
+}
+
+// Runs f() with the process's file-size limit at `bytes` (SIGXFSZ ignored, so a write past it
+// fails with EFBIG), then restores both.
+template <class F>
+void with_file_size_limit(rlim_t bytes, F f) {
+  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  rlimit old_limit{};
+  ::getrlimit(RLIMIT_FSIZE, &old_limit);
+  rlimit lim = old_limit;
+  lim.rlim_cur = bytes;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &lim), 0);
+  f();
+  ::setrlimit(RLIMIT_FSIZE, &old_limit);
+  std::signal(SIGXFSZ, old_handler);
 }
 
 inline std::string data_path(const std::string& rel) { return std::string(LORA_TEST_DATA) + "/" + rel; }

@@ -32,7 +32,7 @@ class TinyDecoder {
   using Mat = lora::Mat<Scalar>;
 
   TinyDecoder(const std::string& dir, const lora::PeftConfig& peft) : base_(lora::SafeTensors::open(dir + "/base_model.safetensors")) {
-    const auto cfg = nlohmann::json::parse(lora::PeftConfig::read_text(dir + "/config.json"));
+    const auto cfg = nlohmann::json::parse(lora::detail::read_text(dir + "/config.json"));
     const int layers = cfg.at("n_layers").get<int>(), heads = cfg.at("n_heads").get<int>();
     for (int i = 0; i < layers; ++i) {
       const std::string p = "layers." + std::to_string(i) + ".";
@@ -52,9 +52,7 @@ class TinyDecoder {
       for (const char* name : lora::LoraAttention<Scalar>::kNames)
         if (peft.targets(p + "self_attn." + name)) ac.target_modules.push_back(name);
       b.attn = std::make_unique<lora::LoraAttention<Scalar>>(std::move(w), ac);
-      for (int k = 0; k < 4; ++k)
-        if (auto* l = b.attn->lora(static_cast<typename lora::LoraAttention<Scalar>::Proj>(k)))
-          modules_.add(p + "self_attn." + lora::LoraAttention<Scalar>::kNames[k], *l);
+      for (const auto& [name, layer] : b.attn->modules()) modules_.add(p + "self_attn." + name, *layer);
       b.up = linear(p + "mlp.up_proj", peft);
       b.down = linear(p + "mlp.down_proj", peft);
       blocks_.push_back(std::move(b));
@@ -75,15 +73,9 @@ class TinyDecoder {
   }
 
   // PEFT's disable_adapter(): every LoRA layer computes its base alone.
-  void enable_adapters(bool on) {
-    for (const auto& [path, layer] : modules_) layer->enable_adapters(on);
-  }
-  void merge() {
-    for (const auto& [path, layer] : modules_) layer->merge();
-  }
-  void unmerge() {
-    for (const auto& [path, layer] : modules_) layer->unmerge();
-  }
+  void enable_adapters(bool on) { modules_.enable_adapters(on); }
+  void merge() { modules_.merge(); }
+  void unmerge() { modules_.unmerge(); }
 
  private:
   // The MLP's linears borrow their weights from the mapped file when the dtype matches; an

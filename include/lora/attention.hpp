@@ -25,7 +25,9 @@
 #pragma once
 
 #include <lora/error.hpp>
+#include <lora/layers.hpp>
 #include <lora/linear.hpp>
+#include <lora/module_map.hpp>
 #include <lora/types.hpp>
 
 #include <array>
@@ -71,7 +73,7 @@ class LoraAttention {
   using Vec = lora::Vec<Scalar>;
   using MatRef = lora::MatRef<Scalar>;
   using Mask = AttentionMask<Scalar>;
-  enum Proj { q = 0, k = 1, v = 2, o = 3 };
+  enum class Proj { q = 0, k = 1, v = 2, o = 3 };
   static constexpr const char* kNames[4] = {"q_proj", "k_proj", "v_proj", "o_proj"};
 
   LoraAttention(AttentionWeights<Scalar> w, const AttentionConfig& config) : config_(config) {
@@ -94,15 +96,15 @@ class LoraAttention {
         detail::fail("LoraAttention: ", kNames[p], " bias is (", bs[p]->size(), "), expected (", d, ")");
     }
     for (int p = 0; p < 4; ++p) {
-      std::optional<Vec> bias;
-      if (bs[p]->size()) bias = std::move(*bs[p]);
       if (targeted(p)) {
+        std::optional<Vec> bias;
+        if (bs[p]->size()) bias = std::move(*bs[p]);
         LoraConfig lc = config.lora;
         lc.seed = config.lora.seed + static_cast<std::uint64_t>(p);  // distinct inits per projection
         proj_[p].lora = std::make_unique<LoraLinear<Scalar>>(std::move(*ws[p]), std::move(bias), lc);
+        modules_.add(kNames[p], *proj_[p].lora);
       } else {
-        proj_[p].weight = std::move(*ws[p]);
-        if (bias) proj_[p].bias = std::move(*bias);
+        proj_[p].frozen = std::make_unique<Linear<Scalar>>(std::move(*ws[p]), std::move(*bs[p]), false);
       }
     }
     d_ = d;
@@ -118,8 +120,12 @@ class LoraAttention {
     return false;
   }
   // The LoRA layer of projection p, or nullptr when p is not targeted.
-  LoraLinear<Scalar>* lora(Proj p) { return proj_[p].lora.get(); }
-  const LoraLinear<Scalar>* lora(Proj p) const { return proj_[p].lora.get(); }
+  LoraLinear<Scalar>* lora(Proj p) { return proj_[int(p)].lora.get(); }
+  const LoraLinear<Scalar>* lora(Proj p) const { return proj_[int(p)].lora.get(); }
+  LoraLinear<Scalar>* lora(const std::string& name) { return proj_[index_of(name)].lora.get(); }
+  const LoraLinear<Scalar>* lora(const std::string& name) const { return proj_[index_of(name)].lora.get(); }
+  // The LoRA projections by name ("q_proj", ...), for PEFT files and whole-layer calls.
+  const ModuleMap<Scalar>& modules() const { return modules_; }
 
   // ---- evaluation (const, thread-safe) ---------------------------------------------------
   Mat forward(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask = {}) const {
@@ -133,12 +139,12 @@ class LoraAttention {
   void forward(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask, Mat& y) const {
     Shapes s = check("forward", query, key, value, batch, mask);
     thread_local Mat Q, K, V, O;
-    project(q, query, Q);
-    project(k, key, K);
-    project(v, value, V);
+    project(Proj::q, query, Q);
+    project(Proj::k, key, K);
+    project(Proj::v, value, V);
     O.resize(query.rows(), d_);
     attend(Q, K, V, s, mask, O, nullptr);
-    project(o, O, y);
+    project(Proj::o, O, y);
   }
   Mat forward(const MatRef& x, Index batch, const Mask& mask = {}) const { return forward(x, x, x, batch, mask); }
   Mat forward(const MatRef& x, const MatRef& context, Index batch, const Mask& mask = {}) const {
@@ -152,19 +158,18 @@ class LoraAttention {
   //   dQuery = q_proj.backward(dQ), dKey = k_proj.backward(dK), dValue = v_proj.backward(dV).
   Mat forward_train(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask = {}) {
     Shapes s = check("forward_train", query, key, value, batch, mask);
-    for (const auto& p : proj_)
-      if (p.lora && p.lora->is_merged())
-        detail::fail("LoraAttention::forward_train: the projections are merged; call unmerge() before training");
+    if (modules_.is_merged())
+      detail::fail("LoraAttention::forward_train: the projections are merged; call unmerge() before training");
     Cache& c = cache_;
     c.valid = false;
-    project_train(q, query, c.Q);
-    project_train(k, key, c.K);
-    project_train(v, value, c.V);
+    project_train(Proj::q, query, c.Q);
+    project_train(Proj::k, key, c.K);
+    project_train(Proj::v, value, c.V);
     c.P.resize(batch * config_.heads * s.T, s.S);
     c.O.resize(query.rows(), d_);
     attend(c.Q, c.K, c.V, s, mask, c.O, &c.P);
     Mat y;
-    project_train(o, c.O, y);
+    project_train(Proj::o, c.O, y);
     c.shapes = s;
     c.valid = true;
     return y;
@@ -188,8 +193,19 @@ class LoraAttention {
     if (dy.rows() != s.batch * s.T || dy.cols() != d_)
       detail::fail("LoraAttention::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected ",
                    detail::shape(s.batch * s.T, d_));
+    for (int p = 0; p < 4; ++p) {  // every projection can go back before any gradient accumulates
+      if (proj_[p].lora && !proj_[p].lora->ready_for_backward()) {
+        try {
+          proj_[p].lora->check_backward(dy);
+        } catch (const Error& e) {
+          detail::fail("LoraAttention::backward: ", kNames[p], ": ", e.what());
+        }
+      }
+      if (proj_[p].frozen && !proj_[p].frozen->ready_for_backward())
+        detail::fail("LoraAttention::backward: ", kNames[p], " has no forward_train to go back through");
+    }
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh_));
-    project_backward(o, dy, c.dO);
+    project_backward(Proj::o, dy, c.dO);
     c.dQ.resize(c.Q.rows(), d_);
     c.dK.resize(c.K.rows(), d_);
     c.dV.resize(c.V.rows(), d_);
@@ -210,16 +226,13 @@ class LoraAttention {
       c.dQ.block(b * s.T, h * dh_, s.T, dh_).noalias() = dP * c.K.block(b * s.S, h * dh_, s.S, dh_);
       c.dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.transpose() * c.Q.block(b * s.T, h * dh_, s.T, dh_);
     }
-    project_backward(q, c.dQ, g.d_query);
-    project_backward(k, c.dK, g.d_key);
-    project_backward(v, c.dV, g.d_value);
+    project_backward(Proj::q, c.dQ, g.d_query);
+    project_backward(Proj::k, c.dK, g.d_key);
+    project_backward(Proj::v, c.dV, g.d_value);
     c.valid = false;
   }
 
-  void zero_grad() {
-    for (auto& p : proj_)
-      if (p.lora) p.lora->zero_grad();
-  }
+  void zero_grad() { modules_.zero_grad(); }
 
   // Restarts every projection's dropout masks (projection p uses seed + p, as at construction).
   void reseed(std::uint64_t seed) {
@@ -239,41 +252,20 @@ class LoraAttention {
     return all;
   }
 
-  Index trainable_parameters() const {
-    Index n = 0;
-    for (const auto& p : proj_)
-      if (p.lora) n += p.lora->trainable_parameters();
-    return n;
-  }
+  Index trainable_parameters() const { return modules_.trainable_parameters(); }
 
-  // ---- merge (all LoRA projections at once) ----------------------------------------------
-  void merge() {
-    for (auto& p : proj_)
-      if (p.lora) p.lora->merge();
-  }
-  // Checks every projection before changing any: a refusal leaves all of them unmerged.
-  void safe_merge() {
-    for (auto& p : proj_)
-      if (p.lora && !p.lora->is_merged() && !p.lora->delta_weight().allFinite())
-        detail::fail("LoraAttention::safe_merge: a LoRA update has non-finite values; nothing was merged");
-    for (auto& p : proj_)
-      if (p.lora) p.lora->safe_merge();
-  }
-  void unmerge() {
-    for (auto& p : proj_)
-      if (p.lora) p.lora->unmerge();
-  }
-  bool is_merged() const {
-    for (const auto& p : proj_)
-      if (p.lora && p.lora->is_merged()) return true;
-    return false;
-  }
+
+  // ---- merge (all LoRA projections at once; refusals change no projection) --------------
+  void merge() { modules_.merge(); }
+  // Every merged weight is checked to be finite before any projection changes.
+  void safe_merge() { modules_.safe_merge(); }
+  void unmerge() { modules_.unmerge(); }
+  bool is_merged() const { return modules_.is_merged(); }
 
  private:
   struct Projection {
     std::unique_ptr<LoraLinear<Scalar>> lora;  // targeted
-    Mat weight;                                // not targeted: frozen (d, d)
-    Vec bias;
+    std::unique_ptr<Linear<Scalar>> frozen;    // not targeted
   };
   struct Shapes {
     Index batch = 0, T = 0, S = 0;
@@ -308,6 +300,12 @@ class LoraAttention {
       detail::fail(where, "additive mask is ", detail::shape(mask.additive.rows(), mask.additive.cols()),
                    ", expected ", detail::shape(s.T, s.S));
     return s;
+  }
+
+  static int index_of(const std::string& name) {
+    for (int p = 0; p < 4; ++p)
+      if (name == kNames[p]) return p;
+    detail::fail("LoraAttention: no projection '", name, "' (expected q_proj, k_proj, v_proj or o_proj)");
   }
 
   // The (sequence, head) pairs are independent: they run in parallel (OpenMP, lora's thread
@@ -358,31 +356,28 @@ class LoraAttention {
     }
   }
 
-  void project(int p, const MatRef& x, Mat& y) const {
-    const Projection& pr = proj_[p];
+  void project(Proj p, const MatRef& x, Mat& y) const {
+    const Projection& pr = proj_[int(p)];
     if (pr.lora) return pr.lora->forward(x, y);
-    y.resize(x.rows(), d_);
-    if (pr.bias.size())
-      y.rowwise() = pr.bias.transpose();
-    else
-      y.setZero();
-    y.noalias() += x * pr.weight.transpose();
+    pr.frozen->forward(x, y);
   }
 
-  void project_train(int p, const MatRef& x, Mat& y) {
-    if (proj_[p].lora) return proj_[p].lora->forward_train(x, y);
-    project(p, x, y);
+  void project_train(Proj p, const MatRef& x, Mat& y) {
+    Projection& pr = proj_[int(p)];
+    if (pr.lora) return pr.lora->forward_train(x, y);
+    pr.frozen->forward_train(x, y);
   }
 
-  void project_backward(int p, const MatRef& dy, Mat& dx) {
-    if (proj_[p].lora) return proj_[p].lora->backward(dy, dx);
-    dx.resize(dy.rows(), d_);
-    dx.noalias() = dy * proj_[p].weight;
+  void project_backward(Proj p, const MatRef& dy, Mat& dx) {
+    Projection& pr = proj_[int(p)];
+    if (pr.lora) return pr.lora->backward(dy, dx);
+    pr.frozen->backward(dy, dx);
   }
 
   AttentionConfig config_;
   Index d_ = 0, dh_ = 0;
   std::array<Projection, 4> proj_;
+  ModuleMap<Scalar> modules_;
   Cache cache_;
 };
 

@@ -19,7 +19,8 @@
 
 #include <lora/detail/random.hpp>
 #include <lora/error.hpp>
-#include <lora/linear.hpp>
+#include <lora/config.hpp>
+#include <lora/parameter.hpp>
 #include <lora/types.hpp>
 
 #include <cstdint>
@@ -61,7 +62,8 @@ class LoraEmbedding {
   int rank() const { return config_.r; }
   Scalar scaling() const { return s_; }
   const LoraConfig& config() const { return config_; }
-  bool merged() const { return merged_; }
+  bool is_merged() const { return merged_; }
+  [[deprecated("use is_merged()")]] bool merged() const { return merged_; }
   const Mat& weight() const { return W_; }
   const Mat& lora_A() const { return A_; }
   const Mat& lora_B() const { return B_; }
@@ -86,7 +88,9 @@ class LoraEmbedding {
 
   // Accumulates the gradients of A and B; the ids have none.
   void backward(const MatRef& dy) {
-    if (!valid_) detail::fail("LoraEmbedding::backward: no forward_train to go back through (call forward_train first)");
+    if (!valid_)
+      detail::fail("LoraEmbedding::backward: no forward_train to go back through (call forward_train first; merge, unmerge "
+                   "and set_lora_A/B discard it)");
     if (dy.rows() != Index(ids_.size()) || dy.cols() != dim())
       detail::fail("LoraEmbedding::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected ",
                    detail::shape(Index(ids_.size()), dim()));
@@ -103,8 +107,7 @@ class LoraEmbedding {
 
   // "lora_embedding_A", "lora_embedding_B" with their gradients.
   std::vector<Parameter<Scalar>> parameters() {
-    return {{"lora_embedding_A", MatMap<Scalar>(A_.data(), A_.rows(), A_.cols()), MatMap<Scalar>(gA_.data(), A_.rows(), A_.cols())},
-            {"lora_embedding_B", MatMap<Scalar>(B_.data(), B_.rows(), B_.cols()), MatMap<Scalar>(gB_.data(), B_.rows(), B_.cols())}};
+    return {make_parameter("lora_embedding_A", A_, gA_), make_parameter("lora_embedding_B", B_, gB_)};
   }
   Index trainable_parameters() const { return A_.size() + B_.size(); }
 
@@ -117,6 +120,7 @@ class LoraEmbedding {
     if (config_.exact_unmerge) w_saved_ = W_;
     W_.noalias() += delta_weight();
     merged_ = true;
+    valid_ = false;
   }
 
   void unmerge() {
@@ -128,6 +132,7 @@ class LoraEmbedding {
       W_.noalias() -= delta_weight();
     }
     merged_ = false;
+    valid_ = false;
   }
 
  private:

@@ -9,7 +9,7 @@
 
 #include <lora/detail/random.hpp>
 #include <lora/error.hpp>
-#include <lora/linear.hpp>
+#include <lora/parameter.hpp>
 #include <lora/types.hpp>
 
 #include <cmath>
@@ -31,51 +31,73 @@ class Linear {
     if (W_.size() == 0) detail::fail("Linear: weight is ", detail::shape(W_.rows(), W_.cols()), ", expected non-empty");
     if (b_.size() != 0 && b_.size() != W_.rows())
       detail::fail("Linear: bias is (", b_.size(), "), expected (", W_.rows(), ")");
-    gW_ = Mat::Zero(W_.rows(), W_.cols());
-    gb_ = Vec::Zero(b_.size());
+    set_trainable(trainable);
   }
 
   Index in_features() const { return W_.cols(); }
   Index out_features() const { return W_.rows(); }
   const Mat& weight() const { return W_; }
   const Vec& bias() const { return b_; }
-  const Mat& grad_weight() const { return gW_; }
+  const Mat& grad_weight() const { return gW_; }  // size 0 until the layer is trainable
   const Vec& grad_bias() const { return gb_; }
   bool trainable() const { return trainable_; }
-  void set_trainable(bool t) { trainable_ = t; }
+  // A frozen layer keeps no gradient buffers (a frozen linear is only W and b in memory).
+  void set_trainable(bool t) {
+    trainable_ = t;
+    valid_ = false;
+    if (t && gW_.size() == 0) {
+      gW_ = Mat::Zero(W_.rows(), W_.cols());
+      gb_ = Vec::Zero(b_.size());
+    }
+  }
 
   Mat forward(const MatRef& x) const {
+    Mat y;
+    forward(x, y);
+    return y;
+  }
+  // Writes into y, resized only when its shape differs.
+  void forward(const MatRef& x, Mat& y) const {
     check("forward", x);
-    Mat y(x.rows(), W_.rows());
+    y.resize(x.rows(), W_.rows());
     if (b_.size())
       y.rowwise() = b_.transpose();
     else
       y.setZero();
     y.noalias() += x * W_.transpose();
-    return y;
   }
 
   Mat forward_train(const MatRef& x) {
-    Mat y = forward(x);
-    if (trainable_) x_ = x;  // only the weight gradient needs x
-    valid_ = true;
+    Mat y;
+    forward_train(x, y);
     return y;
+  }
+  void forward_train(const MatRef& x, Mat& y) {
+    forward(x, y);
+    if (trainable_) x_ = x;  // only the weight gradient needs x
+    n_ = x.rows();
+    valid_ = true;
   }
 
   Mat backward(const MatRef& dy) {
+    Mat dx;
+    backward(dy, dx);
+    return dx;
+  }
+  // Writes into dx, resized only when its shape differs.
+  void backward(const MatRef& dy, Mat& dx) {
     if (!valid_) detail::fail("Linear::backward: no forward_train to go back through (call forward_train first)");
-    if (dy.cols() != W_.rows() || (trainable_ && dy.rows() != x_.rows()))
-      detail::fail("Linear::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected (",
-                   trainable_ ? std::to_string(x_.rows()) : std::string("n"), ", ", W_.rows(), ")");
+    if (dy.cols() != W_.rows() || dy.rows() != n_)
+      detail::fail("Linear::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected ", detail::shape(n_, W_.rows()));
     if (trainable_) {
       gW_.noalias() += dy.transpose() * x_;
       if (b_.size()) gb_ += dy.colwise().sum().transpose();
     }
-    Mat dx(dy.rows(), W_.cols());
+    dx.resize(dy.rows(), W_.cols());
     dx.noalias() = dy * W_;
     valid_ = false;
-    return dx;
   }
+  bool ready_for_backward() const { return valid_; }
 
   void zero_grad() {
     gW_.setZero();
@@ -86,8 +108,8 @@ class Linear {
   std::vector<Parameter<Scalar>> parameters() {
     std::vector<Parameter<Scalar>> p;
     if (!trainable_) return p;
-    p.push_back({"weight", MatMap<Scalar>(W_.data(), W_.rows(), W_.cols()), MatMap<Scalar>(gW_.data(), W_.rows(), W_.cols())});
-    if (b_.size()) p.push_back({"bias", MatMap<Scalar>(b_.data(), 1, b_.size()), MatMap<Scalar>(gb_.data(), 1, b_.size())});
+    p.push_back(make_parameter("weight", W_, gW_));
+    if (b_.size()) p.push_back(make_parameter("bias", b_, gb_));
     return p;
   }
 
@@ -100,6 +122,7 @@ class Linear {
   }
   Mat W_, gW_, x_;
   Vec b_, gb_;
+  Index n_ = 0;
   bool trainable_ = true, valid_ = false;
 };
 
@@ -167,9 +190,7 @@ class LayerNorm {
 
   std::vector<Parameter<Scalar>> parameters() {
     if (!trainable_) return {};
-    const Index d = gamma_.size();
-    return {{"weight", MatMap<Scalar>(gamma_.data(), 1, d), MatMap<Scalar>(g_gamma_.data(), 1, d)},
-            {"bias", MatMap<Scalar>(beta_.data(), 1, d), MatMap<Scalar>(g_beta_.data(), 1, d)}};
+    return {make_parameter("weight", gamma_, g_gamma_), make_parameter("bias", beta_, g_beta_)};
   }
 
   Index parameter_count() const { return 2 * gamma_.size(); }
@@ -320,7 +341,7 @@ class PatchEmbedding {
     std::vector<Parameter<Scalar>> ps;
     if (!trainable_) return ps;
     for (auto& p : proj_.parameters()) ps.push_back({"proj." + p.name, p.value, p.grad});
-    ps.push_back({"position", MatMap<Scalar>(pos_.data(), pos_.rows(), pos_.cols()), MatMap<Scalar>(g_pos_.data(), pos_.rows(), pos_.cols())});
+    ps.push_back(make_parameter("position", pos_, g_pos_));
     return ps;
   }
 

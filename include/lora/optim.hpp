@@ -12,7 +12,7 @@
 #pragma once
 
 #include <lora/error.hpp>
-#include <lora/linear.hpp>
+#include <lora/parameter.hpp>
 #include <lora/types.hpp>
 
 #include <cmath>

@@ -13,313 +13,27 @@
 // checks every shape, and only then fills A and B: a failed load changes no layer.
 // save_adapter writes both files so that PeftModel.from_pretrained loads them.
 //
-// Supported: LoRA on linear layers (fan_in_fan_out too), rsLoRA, rank/alpha patterns, dropout.
-// Refused with an error naming the field: other peft_types, use_dora, bias other than "none",
-// modules_to_save, layers_to_transform/layers_pattern, target_parameters and the other options
-// that change what the file means. Fields this library does not know are kept and written back.
+// Supported: LoRA and DoRA on linear layers (fan_in_fan_out too), rsLoRA, rank/alpha patterns,
+// dropout, named adapters. The config file itself is peft_config.hpp; the map of a model's
+// layers, module_map.hpp.
 #pragma once
 
+#include <lora/detail/files.hpp>
 #include <lora/error.hpp>
 #include <lora/linear.hpp>
+#include <lora/module_map.hpp>
+#include <lora/peft_config.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/types.hpp>
 
-#include <nlohmann/json.hpp>
-
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
-#include <memory>
-#include <optional>
-#include <regex>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace lora {
-
-namespace detail {
-
-// std::regex (ECMAScript, close to Python's re for the patterns PEFT configs use) of a pattern
-// from a config. Patterns longer than 1000 characters or with a number of more than 6 digits
-// (a repeat count or a back-reference; libstdc++ overflows on huge ones) are refused before
-// they reach std::regex. what names the field in the error.
-inline std::regex make_regex(const std::string& pattern, const std::string& what) {
-  std::size_t digits = 0;
-  for (char ch : pattern) {
-    digits = (ch >= '0' && ch <= '9') ? digits + 1 : 0;
-    if (digits > 6) fail(what, " has a number of more than 6 digits: refused as a regular expression");
-  }
-  if (pattern.size() > 1000) fail(what, " is ", pattern.size(), " characters long, more than 1000");
-  // A quantifier right after a quantifier ("a**", "a+*", "a{2}+"; the lazy "a*?" is fine) is
-  // Python's "multiple repeat" error; std::regex accepts some and then backtracks without end.
-  bool after_quantifier = false, after_lazy = false, in_class = false;
-  for (std::size_t i = 0; i < pattern.size(); ++i) {
-    const char ch = pattern[i];
-    if (ch == '\\') {
-      ++i;
-      after_quantifier = after_lazy = false;
-      continue;
-    }
-    if (in_class) {
-      in_class = ch != ']';
-      continue;
-    }
-    const bool quantifier = ch == '*' || ch == '+' || ch == '?' || ch == '{';
-    if (quantifier && (after_lazy || (after_quantifier && ch != '?')))
-      fail(what, " repeats a repetition at position ", i, " (multiple repeat): ", pattern);
-    after_lazy = after_quantifier && ch == '?';
-    if (ch == '{') {
-      const std::size_t close = pattern.find('}', i);
-      if (close != std::string::npos) i = close;
-    }
-    after_quantifier = quantifier && !after_lazy;
-    in_class = ch == '[';
-  }
-  try {
-    return std::regex(pattern);
-  } catch (const std::regex_error& e) {
-    fail(what, " is not a valid regular expression: ", pattern, " (", e.what(), ")");
-  }
-}
-
-}  // namespace detail
-
-// adapter_config.json. `raw` holds the whole file as read (key order kept); the typed fields are
-// what this library uses, and to_json() writes them over raw.
-struct PeftConfig {
-  int r = 8;
-  double lora_alpha = 8;
-  double lora_dropout = 0;
-  std::vector<std::string> target_modules;  // names, or
-  std::optional<std::string> target_regex;  // one regex over the whole module path
-  std::vector<std::string> exclude_modules;
-  std::optional<std::string> exclude_regex;
-  bool use_rslora = false;
-  bool use_dora = false;  // files then hold lora_magnitude_vector per module
-  bool fan_in_fan_out = false;
-  std::vector<std::pair<std::string, int>> rank_pattern;       // in file order
-  std::vector<std::pair<std::string, double>> alpha_pattern;   // in file order
-  nlohmann::ordered_json raw = nlohmann::ordered_json::object();
-
-  // PEFT's check_target_module_exists for a module path.
-  bool targets(const std::string& module) const {
-    if (exclude_regex ? full_match(*exclude_regex, module) : names_match(exclude_modules, module)) return false;
-    return target_regex ? full_match(*target_regex, module) : names_match(target_modules, module);
-  }
-  int rank_for(const std::string& module) const { return pattern_value(rank_pattern, module, r); }
-  double alpha_for(const std::string& module) const { return pattern_value(alpha_pattern, module, lora_alpha); }
-
-  // The LoraConfig of module: base's init, seed, bias mode, fan_in_fan_out and exact mode, with
-  // r, alpha, dropout, rsLoRA and DoRA from this config.
-  LoraConfig lora_config(const std::string& module, LoraConfig base = {}) const {
-    base.r = rank_for(module);
-    base.alpha = alpha_for(module);
-    base.dropout = lora_dropout;
-    base.use_rslora = use_rslora;
-    base.use_dora = use_dora;
-    return base;
-  }
-
-  // Parses adapter_config.json text; label names it in errors.
-  static PeftConfig from_json(const std::string& text, const std::string& label = "adapter_config.json");
-  static PeftConfig read(const std::string& path) { return from_json(read_text(path), path); }
-
-  // The file's text: raw with this library's fields written over it, keys sorted, indent 2
-  // (as PEFT writes it).
-  std::string to_json() const;
-
-  static std::string read_text(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) detail::fail(path, ": cannot open");
-    std::ostringstream s;
-    s << f.rdbuf();
-    return s.str();
-  }
-
- private:
-  static bool full_match(const std::string& re, const std::string& s) {
-    return std::regex_match(s, detail::make_regex(re, "a module regex"));
-  }
-  static bool names_match(const std::vector<std::string>& names, const std::string& m) {
-    for (const auto& n : names)
-      if (m == n || (m.size() > n.size() && m.compare(m.size() - n.size(), n.size(), n) == 0 &&
-                     m[m.size() - n.size() - 1] == '.'))
-        return true;
-    return false;
-  }
-  template <class T>
-  static T pattern_value(const std::vector<std::pair<std::string, T>>& pattern, const std::string& m, T dflt) {
-    for (const auto& [key, value] : pattern)
-      if (std::regex_match(m, detail::make_regex("(.*\\.)?(" + key + ")", "pattern key \"" + key + "\""))) return value;
-    return dflt;
-  }
-};
-
-namespace detail {
-
-inline std::string json_text(const nlohmann::ordered_json& j) { return j.dump(); }
-
-// A name or list of names, or one regex string; null or absent gives neither.
-inline void read_names(const nlohmann::ordered_json& j, const char* field, const std::string& label,
-                       std::vector<std::string>& names, std::optional<std::string>& regex) {
-  if (!j.contains(field) || j[field].is_null()) return;
-  const auto& v = j[field];
-  if (v.is_string()) {
-    regex = v.get<std::string>();
-    make_regex(*regex, label + ": " + field);
-    return;
-  }
-  if (!v.is_array()) fail(label, ": ", field, " is ", json_text(v), ", expected a list of names or a regex string");
-  for (const auto& n : v) {
-    if (!n.is_string()) fail(label, ": ", field, " holds ", json_text(n), ", expected names (strings)");
-    names.push_back(n.get<std::string>());
-  }
-}
-
-}  // namespace detail
-
-inline PeftConfig PeftConfig::from_json(const std::string& text, const std::string& label) {
-  PeftConfig c;
-  try {
-    c.raw = nlohmann::ordered_json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    detail::fail(label, ": not valid JSON: ", e.what());
-  }
-  const auto& j = c.raw;
-  if (!j.is_object()) detail::fail(label, ": expected a JSON object, got ", detail::json_text(j).substr(0, 40));
-  auto field = [&](const char* name) -> const nlohmann::ordered_json* {
-    return j.contains(name) && !j[name].is_null() ? &j[name] : nullptr;
-  };
-  auto bad = [&](const char* name, const char* expected) {
-    detail::fail(label, ": ", name, " is ", detail::json_text(j[name]), ", expected ", expected);
-  };
-  auto get_bool = [&](const char* name, bool& out) {
-    if (auto* v = field(name)) {
-      if (!v->is_boolean()) bad(name, "true or false");
-      out = v->get<bool>();
-    }
-  };
-  auto positive = [](const nlohmann::ordered_json& v) { return v.is_number() && std::isfinite(v.get<double>()) && v.get<double>() > 0; };
-  auto rank = [](const nlohmann::ordered_json& v) { return v.is_number_integer() && v.get<long long>() >= 1 && v.get<long long>() <= (1 << 30); };
-
-  const auto* type = field("peft_type");
-  if (!type || !type->is_string()) detail::fail(label, ": peft_type is missing, expected \"LORA\"");
-  if (type->get<std::string>() != "LORA")
-    detail::fail(label, ": peft_type is ", detail::json_text(*type), "; only \"LORA\" adapters are supported");
-  if (auto* v = field("r")) {
-    if (!rank(*v)) bad("r", "an integer >= 1");
-    c.r = v->get<int>();
-  }
-  if (auto* v = field("lora_alpha")) {
-    if (!positive(*v)) bad("lora_alpha", "a finite number > 0");
-    c.lora_alpha = v->get<double>();
-  }
-  if (auto* v = field("lora_dropout")) {
-    if (!v->is_number() || !(v->get<double>() >= 0 && v->get<double>() < 1)) bad("lora_dropout", "a number in [0, 1)");
-    c.lora_dropout = v->get<double>();
-  }
-  if (!field("target_modules"))
-    detail::fail(label, ": target_modules is missing or null; name the modules (PEFT infers them only for known "
-                        "Python model types)");
-  detail::read_names(j, "target_modules", label, c.target_modules, c.target_regex);
-  detail::read_names(j, "exclude_modules", label, c.exclude_modules, c.exclude_regex);
-  get_bool("use_rslora", c.use_rslora);
-  get_bool("use_dora", c.use_dora);
-  get_bool("fan_in_fan_out", c.fan_in_fan_out);
-  if (auto* v = field("rank_pattern")) {
-    if (!v->is_object()) bad("rank_pattern", "an object {module pattern: r}");
-    for (const auto& [k, r] : v->items()) {
-      if (!rank(r)) detail::fail(label, ": rank_pattern[\"", k, "\"] is ", detail::json_text(r), ", expected an integer >= 1");
-      c.rank_pattern.emplace_back(k, r.get<int>());
-    }
-  }
-  if (auto* v = field("alpha_pattern")) {
-    if (!v->is_object()) bad("alpha_pattern", "an object {module pattern: alpha}");
-    for (const auto& [k, a] : v->items()) {
-      if (!positive(a)) detail::fail(label, ": alpha_pattern[\"", k, "\"] is ", detail::json_text(a), ", expected a number > 0");
-      c.alpha_pattern.emplace_back(k, a.get<double>());
-    }
-  }
-  auto check_keys = [&](const auto& pattern, const char* name) {
-    for (const auto& kv : pattern) {
-      detail::make_regex("(.*\\.)?(" + kv.first + ")", label + ": " + name + " key \"" + kv.first + "\"");
-    }
-  };
-  check_keys(c.rank_pattern, "rank_pattern");
-  check_keys(c.alpha_pattern, "alpha_pattern");
-
-  // Options that change what the weights mean, which this library does not implement.
-  if (auto* v = field("bias"); v && *v != "none")
-    detail::fail(label, ": bias is ", detail::json_text(*v), "; only \"none\" is supported");
-  for (const char* name : {"lora_bias", "modules_to_save", "layers_to_transform", "layers_pattern",
-                           "target_parameters", "layer_replication", "trainable_token_indices",
-                           "alora_invocation_tokens", "use_qalora", "use_bdlora", "megatron_config"}) {
-    const auto* v = field(name);
-    if (v && !(*v == false || (v->is_array() && v->empty()) || (v->is_object() && v->empty())))
-      detail::fail(label, ": ", name, " is ", detail::json_text(*v), "; this library does not support it");
-  }
-  return c;
-}
-
-inline std::string PeftConfig::to_json() const {
-  nlohmann::json j = raw.is_object() ? nlohmann::json::parse(raw.dump()) : nlohmann::json::object();
-  auto names = [](const std::vector<std::string>& n, const std::optional<std::string>& re) -> nlohmann::json {
-    if (re) return *re;
-    return n;
-  };
-  auto number = [](double v) -> nlohmann::json {
-    if (v == std::floor(v) && std::abs(v) < 1e15) return static_cast<long long>(v);
-    return v;
-  };
-  j["peft_type"] = "LORA";
-  j["r"] = r;
-  j["lora_alpha"] = number(lora_alpha);
-  j["lora_dropout"] = lora_dropout;
-  j["target_modules"] = names(target_modules, target_regex);
-  j["exclude_modules"] = exclude_regex || !exclude_modules.empty() ? names(exclude_modules, exclude_regex) : nlohmann::json();
-  j["use_rslora"] = use_rslora;
-  j["use_dora"] = use_dora;
-  j["fan_in_fan_out"] = fan_in_fan_out;
-  j["rank_pattern"] = nlohmann::json::object();
-  for (const auto& [k, v] : rank_pattern) j["rank_pattern"][k] = v;
-  j["alpha_pattern"] = nlohmann::json::object();
-  for (const auto& [k, v] : alpha_pattern) j["alpha_pattern"][k] = number(v);
-  // PEFT's defaults for the fields a fresh config must have.
-  const nlohmann::json defaults = {{"bias", "none"}, {"init_lora_weights", true},
-                                   {"inference_mode", true}, {"modules_to_save", nullptr},
-                                   {"base_model_name_or_path", nullptr}, {"task_type", nullptr}, {"revision", nullptr},
-                                   {"layers_to_transform", nullptr}, {"layers_pattern", nullptr}};
-  for (const auto& [key, value] : defaults.items())
-    if (!j.contains(key)) j[key] = value;
-  return j.dump(2);
-}
-
-// Module path -> LoRA layer, filled by the user's model code. The map refers to layers it does
-// not own; they must outlive it.
-template <class Scalar>
-class ModuleMap {
- public:
-  void add(const std::string& path, LoraLinear<Scalar>& layer) {
-    if (path.empty()) detail::fail("ModuleMap::add: empty module path");
-    if (!layers_.emplace(path, &layer).second) detail::fail("ModuleMap::add: module '", path, "' is already registered");
-  }
-  bool contains(const std::string& path) const { return layers_.count(path) != 0; }
-  LoraLinear<Scalar>& at(const std::string& path) const {
-    auto it = layers_.find(path);
-    if (it == layers_.end()) detail::fail("ModuleMap: no module '", path, "'");
-    return *it->second;
-  }
-  std::size_t size() const { return layers_.size(); }
-  // Sorted by path.
-  auto begin() const { return layers_.begin(); }
-  auto end() const { return layers_.end(); }
-
- private:
-  std::map<std::string, LoraLinear<Scalar>*> layers_;
-};
 
 struct LoadOptions {
   // Strict (the default): every module with weights in the file must be in the map, every mapped
@@ -427,7 +141,7 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
     const auto r = static_cast<std::uint64_t>(config.rank_for(module));
     const auto in = static_cast<std::uint64_t>(layer.in_features()), out = static_cast<std::uint64_t>(layer.out_features());
     auto check = [&](const TensorInfo& t, std::vector<std::uint64_t> want) {
-      if (t.dtype != Dtype::F32 && t.dtype != Dtype::F16 && t.dtype != Dtype::BF16 && t.dtype != Dtype::F64)
+      if (!detail::is_float_dtype(t.dtype))
         problems.push_back(t.name + " has dtype " + dtype_name(t.dtype) + ", expected F32, F16, BF16 or F64");
       else if (t.shape != want)
         problems.push_back(t.name + " is " + shape_string(t.shape) + ", expected " + shape_string(want) +
@@ -478,7 +192,7 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
 }
 
 // Writes DIR/adapter_model.safetensors (A and B of every mapped module, and DoRA's magnitude, as
-// dtype) and DIR/adapter_config.json (config.to_json()), each atomically; creates DIR if needed.
+// dtype) and DIR/adapter_config.json (config.to_json()), both or neither (detail/files.hpp); creates DIR if needed.
 // The adapter saved is `adapter` in every layer, or each layer's one active adapter when empty.
 // Every module must be targeted by config, with the r, alpha, rsLoRA and DoRA flags the config
 // gives it; otherwise nothing is written.
@@ -486,7 +200,7 @@ template <class Scalar>
 void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, const PeftConfig& config,
                   Dtype dtype = Dtype::F32, const std::string& adapter = "") {
   namespace fs = std::filesystem;
-  if (dtype != Dtype::F32 && dtype != Dtype::F16 && dtype != Dtype::BF16 && dtype != Dtype::F64)
+  if (!detail::is_float_dtype(dtype))
     detail::fail("save_adapter: dtype ", dtype_name(dtype), " is not a float type (F32, F16, BF16 or F64)");
   if (modules.size() == 0) detail::fail("save_adapter: no modules to save");
   std::vector<std::string> problems;
@@ -522,9 +236,9 @@ void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, cons
   fs::create_directories(dir, ec);
   if (ec) detail::fail("save_adapter: cannot create ", dir, ": ", ec.message());
   b.metadata("format", "pt");
-  b.save((fs::path(dir) / "adapter_model.safetensors").string());
-  SafeTensorsBuilder::write_file_atomic((fs::path(dir) / "adapter_config.json").string(),
-                                        std::vector<std::uint8_t>(text.begin(), text.end()));
+  // Both files or neither: new weights never sit beside an old config.
+  detail::write_files_atomic({{(fs::path(dir) / "adapter_model.safetensors").string(), b.serialize()},
+                              {(fs::path(dir) / "adapter_config.json").string(), detail::FileBytes(text.begin(), text.end())}});
 }
 
 // A config that describes the mapped layers' adapter `adapter` (each layer's one active adapter
@@ -570,74 +284,5 @@ PeftConfig peft_config_for(const ModuleMap<Scalar>& modules, const std::string& 
   }
   return c;
 }
-
-// PEFT's LoraModel over a Hugging Face style state dict (model.safetensors): every 2-D float
-// tensor "<path>.weight" whose <path> the config targets becomes a LoraLinear (with
-// "<path>.bias" when present), so an adapter can be loaded, merged and exported without the
-// model's architecture in C++ (what llama.cpp's export-lora does). Weights whose dtype is Scalar
-// are borrowed from the mapped file without a copy (merge then copies the layer's weight, see
-// LoraLinear); others are converted. With config.fan_in_fan_out, weights are stored (in, out).
-template <class Scalar>
-class LoraModel {
- public:
-  LoraModel(const std::string& model_path, const PeftConfig& config, LoraConfig base = {})
-      : st_(SafeTensors::open(model_path)), config_(config) {
-    base.fan_in_fan_out = config.fan_in_fan_out;
-    const std::string suffix = ".weight";
-    for (const auto& t : st_.tensors()) {
-      if (t.name.size() <= suffix.size() || t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) != 0)
-        continue;
-      const std::string module = t.name.substr(0, t.name.size() - suffix.size());
-      if (t.shape.size() != 2 || !config.targets(module)) continue;
-      if (t.dtype != Dtype::F64 && t.dtype != Dtype::F32 && t.dtype != Dtype::F16 && t.dtype != Dtype::BF16)
-        detail::fail("LoraModel: ", model_path, ": targeted weight '", t.name, "' has dtype ", dtype_name(t.dtype));
-      std::optional<Vec<Scalar>> bias;
-      if (st_.contains(module + ".bias")) bias = st_.vector<Scalar>(module + ".bias");
-      const LoraConfig lc = config.lora_config(module, base);
-      std::unique_ptr<LoraLinear<Scalar>> layer;
-      if (st_.can_map<Scalar>(t.name))
-        layer = std::make_unique<LoraLinear<Scalar>>(st_.map<Scalar>(t.name), std::move(bias), lc);
-      else
-        layer = std::make_unique<LoraLinear<Scalar>>(st_.matrix<Scalar>(t.name), std::move(bias), lc);
-      modules_.add(module, *layer);
-      layers_.push_back(std::move(layer));
-    }
-    if (layers_.empty()) detail::fail("LoraModel: ", model_path, ": no 2-D weight matches target_modules");
-  }
-
-  const ModuleMap<Scalar>& modules() const { return modules_; }
-  const PeftConfig& config() const { return config_; }
-  const SafeTensors& state_dict() const { return st_; }
-
-  void merge() {
-    for (auto& l : layers_) l->merge();
-  }
-  void unmerge() {
-    for (auto& l : layers_) l->unmerge();
-  }
-
-  // Writes the state dict with each LoRA layer's current weight (merged or not) in place of the
-  // file's, in the file's dtype; every other tensor is copied byte for byte.
-  void save_weights(const std::string& path) const {
-    SafeTensorsBuilder b;
-    for (const auto& t : st_.tensors()) {
-      const std::string module = t.name.size() > 7 ? t.name.substr(0, t.name.size() - 7) : "";
-      if (modules_.contains(module) && t.name == module + ".weight") {
-        b.add(t.name, modules_.at(module).weight(), t.dtype);
-      } else {
-        const std::uint8_t* p = st_.bytes(t.name);
-        b.add_raw(t.name, t.dtype, t.shape, std::vector<std::uint8_t>(p, p + (t.end - t.begin)));
-      }
-    }
-    for (const auto& [k, v] : st_.metadata()) b.metadata(k, v);
-    b.save(path);
-  }
-
- private:
-  SafeTensors st_;
-  PeftConfig config_;
-  std::vector<std::unique_ptr<LoraLinear<Scalar>>> layers_;
-  ModuleMap<Scalar> modules_;
-};
 
 }  // namespace lora

@@ -15,6 +15,7 @@
 // This is little-endian only (as are all hosts PyTorch ships for).
 #pragma once
 
+#include <lora/detail/files.hpp>
 #include <lora/error.hpp>
 #include <lora/types.hpp>
 
@@ -345,6 +346,8 @@ class SafeTensors {
     if (n > size - 8) bad(detail::cat("header length ", n, " runs past the end of the file (", size, " bytes)"));
     const char* h = reinterpret_cast<const char*>(p + 8);
     if (n == 0 || h[0] != '{') bad("header does not start with '{'");
+    if (const void* nul = std::memchr(h, 0, n))  // JSON has no NUL; the parser would stop there
+      bad(detail::cat("header has a NUL byte at offset ", static_cast<const char*>(nul) - h, " of ", n));
 
     nlohmann::json header;
     try {
@@ -467,8 +470,7 @@ class SafeTensorsBuilder {
     using T = typename Derived::Scalar;
     if (shape.empty())
       shape = {static_cast<std::uint64_t>(m.rows()), static_cast<std::uint64_t>(m.cols())};
-    std::uint64_t numel = 1;
-    for (auto d : shape) numel *= d;
+    const std::uint64_t numel = checked_numel(name, dtype, shape);
     if (numel != static_cast<std::uint64_t>(m.size()))
       detail::fail("SafeTensorsBuilder::add: tensor '", name, "' shape ", shape_string(shape), " holds ", numel,
                    " elements but the matrix is ", detail::shape(m.rows(), m.cols()));
@@ -498,8 +500,7 @@ class SafeTensorsBuilder {
     if (name == "__metadata__") detail::fail("SafeTensorsBuilder::add: '__metadata__' is reserved");
     for (const auto& t : tensors_)
       if (t.name == name) detail::fail("SafeTensorsBuilder::add: duplicate tensor '", name, "'");
-    std::uint64_t numel = 1;
-    for (auto d : shape) numel *= d;
+    const std::uint64_t numel = checked_numel(name, dtype, shape);
     if (numel * dtype_size(dtype) != bytes.size())
       detail::fail("SafeTensorsBuilder::add_raw: tensor '", name, "' shape ", shape_string(shape), " of ",
                    dtype_name(dtype), " needs ", numel * dtype_size(dtype), " bytes, got ", bytes.size());
@@ -543,40 +544,25 @@ class SafeTensorsBuilder {
 
   // Writes atomically: a temporary file in the same directory, flushed to disk, then renamed over
   // path. A failed save leaves any existing file at path untouched.
-  void save(const std::string& path) const { write_file_atomic(path, serialize()); }
-
-  static void write_file_atomic(const std::string& path, const std::vector<std::uint8_t>& bytes) {
-    std::string tmp = path + ".tmp.XXXXXX";
-    int fd = ::mkstemp(tmp.data());
-    if (fd < 0) detail::fail(path, ": cannot create a temporary file beside it: ", std::strerror(errno));
-    auto give_up = [&](const char* what) {
-      int e = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      detail::fail(path, ": ", what, ": ", std::strerror(e));
-    };
-    std::size_t done = 0;
-    while (done < bytes.size()) {
-      ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) give_up("write failed");
-      done += static_cast<std::size_t>(w);
-    }
-    if (::fchmod(fd, 0644) != 0) give_up("chmod failed");
-    if (::fsync(fd) != 0) give_up("fsync failed");
-    if (::close(fd) != 0) {
-      int e = errno;
-      ::unlink(tmp.c_str());
-      detail::fail(path, ": close failed: ", std::strerror(e));
-    }
-    if (::rename(tmp.c_str(), path.c_str()) != 0) {
-      int e = errno;
-      ::unlink(tmp.c_str());
-      detail::fail(path, ": rename failed: ", std::strerror(e));
-    }
-  }
+  void save(const std::string& path) const { detail::write_file_atomic(path, serialize()); }
 
  private:
+  // The element count of shape, refused (as SafeTensors::open would refuse the file) when it or
+  // the byte size overflows 64 bits.
+  static std::uint64_t checked_numel(const std::string& name, Dtype dtype, const std::vector<std::uint64_t>& shape) {
+    std::uint64_t numel = 1;
+    bool overflow = false;
+    for (auto d : shape) {
+      if (d != 0 && numel > std::numeric_limits<std::uint64_t>::max() / d) overflow = true;
+      numel *= d;
+    }
+    const bool empty = std::find(shape.begin(), shape.end(), std::uint64_t(0)) != shape.end();
+    if (!empty && (overflow || numel > std::numeric_limits<std::uint64_t>::max() / dtype_size(dtype)))
+      detail::fail("SafeTensorsBuilder::add: tensor '", name, "' shape ", shape_string(shape), " of ", dtype_name(dtype),
+                   " overflows the element count or byte size");
+    return empty ? 0 : numel;
+  }
+
   struct Entry {
     std::string name;
     Dtype dtype;

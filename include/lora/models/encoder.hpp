@@ -25,6 +25,7 @@
 #include <lora/error.hpp>
 #include <lora/layers.hpp>
 #include <lora/linear.hpp>
+#include <lora/module_map.hpp>
 #include <lora/types.hpp>
 
 #include <memory>
@@ -75,9 +76,10 @@ class EncoderBlock {
     fc1_ = std::make_unique<LoraLinear<Scalar>>(uniform(dff, d, rng), uniform(dff, 1, rng, d).col(0), lc);
     lc.seed = config.seed + 6;
     fc2_ = std::make_unique<LoraLinear<Scalar>>(uniform(d, dff, rng), uniform(d, 1, rng, dff).col(0), lc);
-    for (int p = 0; p < 4; ++p) attn_->lora(Proj(p))->enable_adapters(targeted(Attn::kNames[p]));
-    fc1_->enable_adapters(targeted("fc1"));
-    fc2_->enable_adapters(targeted("fc2"));
+    for (const auto& [name, layer] : attn_->modules()) modules_.add("attn." + name, *layer);
+    modules_.add("fc1", *fc1_);
+    modules_.add("fc2", *fc2_);
+    for (const auto& [path, layer] : modules_) layer->enable_adapters(targeted(path.substr(path.find('.') + 1)));
     if (config.adapter_rank > 0) {
       U_ = uniform(d, config.adapter_rank, rng, d);
       V_ = Mat::Zero(config.adapter_rank, d);
@@ -101,9 +103,7 @@ class EncoderBlock {
 
   // Full training: every base weight and both LayerNorms train (or none, the default).
   void set_base_trainable(bool on) {
-    for (int p = 0; p < 4; ++p) attn_->lora(Proj(p))->set_base_trainable(on);
-    fc1_->set_base_trainable(on);
-    fc2_->set_base_trainable(on);
+    for (const auto& [path, layer] : modules_) layer->set_base_trainable(on);
     ln1_.set_trainable(on);
     ln2_.set_trainable(on);
     base_trainable_ = on;
@@ -148,6 +148,9 @@ class EncoderBlock {
     if (dy.rows() != c.x1.rows() || dy.cols() != c.x1.cols())
       detail::fail("EncoderBlock::backward: dY is ", detail::shape(dy.rows(), dy.cols()), ", expected ",
                    detail::shape(c.x1.rows(), c.x1.cols()));
+    if (!modules_.ready_for_backward())  // checked before any gradient accumulates
+      detail::fail("EncoderBlock::backward: a linear changed since forward_train (merge, unmerge, set_adapter, ...), "
+                   "which discarded what backward needs; call forward_train again");
     Mat dx1 = dy + ln2_.backward(fc1_->backward(gelu_backward<Scalar>(c.f, fc2_->backward(dy))));
     if (U_.size()) {
       Mat e = dx1;
@@ -203,24 +206,22 @@ class EncoderBlock {
 
   // Every parameter of the block, trainable or not.
   Index parameter_count() const {
-    Index n = ln1_.parameter_count() + ln2_.parameter_count() + fc1_->base_parameters() + fc2_->base_parameters() + U_.size() + V_.size();
-    for (int p = 0; p < 4; ++p) n += attn_->lora(Proj(p))->base_parameters();
-    for (const LoraLinear<Scalar>* l : lora_layers())
+    Index n = ln1_.parameter_count() + ln2_.parameter_count() + U_.size() + V_.size();
+    for (const auto& [path, l] : modules_) {
+      n += l->base_parameters();
       if (!l->disable_adapters()) n += l->lora_A().size() + l->lora_B().size();
+    }
     return n;
   }
 
   // merge()/unmerge() every LoRA layer whose adapter is enabled (the residual adapter is not a
   // weight update and stays as it is).
-  void merge() {
-    for (LoraLinear<Scalar>* l : lora_layers()) l->merge();
-  }
-  void unmerge() {
-    for (LoraLinear<Scalar>* l : lora_layers()) l->unmerge();
-  }
+  void merge() { modules_.merge(); }
+  void unmerge() { modules_.unmerge(); }
+  // The six linears by module path: attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, fc1, fc2.
+  const ModuleMap<Scalar>& modules() const { return modules_; }
 
  private:
-  using Proj = typename Attn::Proj;
   struct Cache {
     Mat x1, x1a, u, mask, f;
     bool valid = false;
@@ -230,10 +231,6 @@ class EncoderBlock {
     for (const auto& t : config_.target_modules)
       if (t == name) return true;
     return false;
-  }
-
-  std::vector<LoraLinear<Scalar>*> lora_layers() const {
-    return {attn_->lora(Proj(0)), attn_->lora(Proj(1)), attn_->lora(Proj(2)), attn_->lora(Proj(3)), fc1_.get(), fc2_.get()};
   }
 
   // nn.Linear's default: uniform(−1/√fan_in, 1/√fan_in), fan_in = cols for a weight.
@@ -253,6 +250,7 @@ class EncoderBlock {
   LayerNorm<Scalar> ln1_, ln2_;
   std::unique_ptr<Attn> attn_;
   std::unique_ptr<LoraLinear<Scalar>> fc1_, fc2_;
+  ModuleMap<Scalar> modules_;
   Mat U_, V_, gU_, gV_;
   detail::Rng adapter_rng_;
   bool base_trainable_ = false;
