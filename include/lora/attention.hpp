@@ -254,7 +254,6 @@ class LoraAttention {
 
   Index trainable_parameters() const { return modules_.trainable_parameters(); }
 
-
   // ---- merge (all LoRA projections at once; refusals change no projection) --------------
   void merge() { modules_.merge(); }
   // Every merged weight is checked to be finite before any projection changes.
