@@ -96,13 +96,16 @@ TEST(PeftConfig, BadConfigsAreRefusedByName) {
       {R"({"peft_type": "LORA", "target_modules": null})", {"target_modules is missing or null"}},
       {R"({"peft_type": "LORA", "target_modules": 3})", {"target_modules is 3"}},
       {R"({"peft_type": "LORA", "target_modules": ["q", 1]})", {"target_modules holds 1"}},
-      {R"({"peft_type": "LORA", "target_modules": "(q"})", {"target_modules is not a valid regular expression"}},
-      // found by fuzz_peft_config: libstdc++'s regex compiler overflows on a huge back-reference
-      {R"({"peft_type": "LORA", "target_modules": ".*\\2222222222222222222222v)_p"})", {"target_modules has a number of more than 6 digits"}},
-      {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q{99999999}": 2}})", {"rank_pattern key", "more than 6 digits"}},
-      // found by fuzz_peft_config: ".**" made std::regex backtrack for minutes (Python refuses it)
-      {R"({"peft_type": "LORA", "target_modules": ".**\\.(q|v)_proj"})", {"target_modules repeats a repetition at position 2"}},
-      {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q_+*": 2}})", {"rank_pattern key", "multiple repeat"}},
+      {R"({"peft_type": "LORA", "target_modules": "(q"})", {"target_modules is not a regular expression", "missing ): (q"}},
+      // found by fuzz_peft_config when std::regex matched: a huge back-reference, ".**" (Python
+      // refuses it; std::regex backtracked for minutes), a repeat of a repeat
+      {R"({"peft_type": "LORA", "target_modules": ".*\\2222222222222222222222v)_p"})", {"target_modules is not", "unexpected )"}},
+      {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q{99999999}": 2}})", {"rank_pattern key", "invalid repetition size"}},
+      {R"({"peft_type": "LORA", "target_modules": ".**\\.(q|v)_proj"})", {"target_modules is not", "bad repetition operator: **"}},
+      {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q_+*": 2}})", {"rank_pattern key", "bad repetition operator: +*"}},
+      // Python's re has them; no linear-time matcher does
+      {R"({"peft_type": "LORA", "target_modules": "(?=q)q_proj"})", {"target_modules is not", "invalid perl operator: (?=", "look-around"}},
+      {R"({"peft_type": "LORA", "target_modules": "(q)\\1_proj"})", {"target_modules is not", "invalid escape sequence: \\1"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q": 0}})", {"rank_pattern[\"q\"] is 0"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"(q": 2}})", {"rank_pattern key \"(q\""}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "alpha_pattern": []})", {"alpha_pattern is []"}},
@@ -121,6 +124,40 @@ TEST(PeftConfig, BadConfigsAreRefusedByName) {
       for (const auto& f : frags) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what() << " lacks " << f;
     }
   }
+}
+
+// Regression (issue 24): with std::regex, "(a+)+$" took time doubling per character of the path
+// (30 characters: 31 s) and ".*\.(q|v)_proj" overflowed the stack on a 50,000-character path.
+TEST(PeftConfig, MatchingIsLinearInThePathWhateverThePattern) {
+  auto c = parse(R"({"peft_type": "LORA", "target_modules": "(a+)+$", "rank_pattern": {"(a|aa)+": 2}})");
+  const std::string as(100000, 'a');
+  EXPECT_FALSE(c.targets(as + "b"));
+  EXPECT_TRUE(c.targets(as));
+  EXPECT_EQ(c.rank_for("x." + as), 2);
+  EXPECT_EQ(c.rank_for(as + "b"), 8);
+  auto qv = parse(R"({"peft_type": "LORA", "target_modules": ".*\\.(q|v)_proj"})");
+  const std::string long_path(50000, 'x');
+  EXPECT_TRUE(qv.targets(long_path + ".q_proj"));
+  EXPECT_FALSE(qv.targets(long_path + ".k_proj"));
+  // Python's syntax for groups, classes and flags, as configs use it
+  auto py = parse(R"({"peft_type": "LORA", "target_modules": "(?i)model\\.layers\\.(?P<n>[0-9]+)\\.(?:self_attn)\\.[qv]_PROJ"})");
+  EXPECT_TRUE(py.targets("model.layers.12.self_attn.q_proj"));
+  EXPECT_FALSE(py.targets("model.layers.x.self_attn.q_proj"));
+}
+
+// Regression (issue 24): a value nested 100,000 deep (in r, in target_modules or in an unknown
+// field kept for writing back) crashed the process (SIGSEGV) while parsing or building the error.
+TEST(PeftConfig, DeeplyNestedJsonIsRefused) {
+  auto nested = [](int depth) { return std::string(depth, '[') + "1" + std::string(depth, ']'); };
+  for (const std::string field : {"r", "target_modules", "future_option"}) {
+    SCOPED_TRACE(field);
+    std::string text = R"({"peft_type": "LORA", "target_modules": ["q"], ")" + field + "\": " + nested(100000) + "}";
+    if (field == "target_modules") text = R"({"peft_type": "LORA", "target_modules": )" + nested(100000) + "}";
+    EXPECT_LORA_ERROR(parse(text), "cfg", "nesting deeper than 128 levels");
+  }
+  // Nesting within the limit is kept and written back.
+  auto c = parse(R"({"peft_type": "LORA", "target_modules": ["q"], "future_option": )" + nested(100) + "}");
+  EXPECT_EQ(parse(c.to_json()).to_json(), c.to_json());
 }
 
 TEST(PeftConfig, UnknownFieldsAndPeftDefaultsAreKept) {
@@ -281,6 +318,13 @@ TEST(Peft, BrokenAdapterDirectoriesChangeNothing) {
                                             [&](auto& b) { return b.add("base_model.model.lm_head.weight", Mat<double>::Zero(2, 2)), same(b); }),
                                        model.modules()),
                     "lm_head.weight' is not a PEFT LoRA key");
+  // Regression (issue 24): module names come from the file; a 50,000-character one is refused
+  // before any matching.
+  const std::string long_key = "base_model.model." + std::string(50000, 'x') + ".q_proj.lora_A.weight";
+  EXPECT_LORA_ERROR(lora::load_adapter(make("long_key", good_cfg,
+                                            [&](auto& b) { return b.add(long_key, Mat<double>::Zero(2, 2)), same(b); }),
+                                       model.modules()),
+                    "a tensor name is 50038 bytes long, more than 1024", "base_model.model.xxx");
   EXPECT_LORA_ERROR(lora::load_adapter(make("embedding", good_cfg,
                                             [&](auto& b) { return b.add("base_model.model.embed.lora_embedding_A", Mat<double>::Zero(2, 2)), same(b); }),
                                        model.modules()),

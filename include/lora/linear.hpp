@@ -16,6 +16,9 @@
 // (PEFT's lora_A[name]); the constructor makes the first ("default"), add_adapter/update_layer
 // more, set_adapter picks the active ones (their updates sum), delete_adapter removes one.
 // forward(x, adapter_names) serves a mixed batch, one adapter per row, without merging.
+// The adapter calls, merging and the mixed batch are defined in detail/linear_adapters.hpp,
+// detail/linear_merge.hpp and detail/linear_mixed_batch.hpp; this file holds the layer and its
+// forward and backward.
 //
 // Merge state. merge() adds s·B·A of the active adapters to W, after which forward is one GEMM;
 // unmerge() subtracts them all. Merging a merged adapter and unmerging with nothing merged are
@@ -117,33 +120,14 @@ class LoraLinear {
 
   // A new adapter `name` (not yet active) from config, with fresh A and B (config.init) and
   // zero gradients. Refused for a name the layer has, an empty name or "__base__".
-  void add_adapter(const std::string& name, const LoraConfig& config) {
-    const char* where = "LoraLinear::add_adapter: ";
-    reg_.check_new_name(where, name);
-    check_adapter_config(where, name, config);
-    Adapter a;
-    a.name = name;
-    init_adapter(a, config, reg_.size());
-    reg_.add(std::move(a));
-    after_config_change("add_adapter");
-  }
+  void add_adapter(const std::string& name, const LoraConfig& config);
 
   // PEFT's update_layer: adapter `name` gets a fresh A and B from config, replacing the one of
   // that name or adding it (not active) when the layer has none. W and b are untouched.
   // Refused for a merged adapter, a config that changes fan_in_fan_out (how W is stored) or
   // disagrees with the other adapters' bias mode or exact_unmerge, and a trainable bias the
   // layer does not have. A refusal changes nothing.
-  void update_layer(const std::string& name, const LoraConfig& config) {
-    const int i = reg_.find(name);
-    if (i < 0) return add_adapter(name, config);
-    const char* where = "LoraLinear::update_layer: ";
-    if (reg_.is_merged(name)) detail::fail(where, "adapter '", name, "' is merged; unmerge() first");
-    check_adapter_config(where, name, config);
-    if (config.use_dora && reg_.active().size() > 1 && reg_.is_active(name))
-      detail::fail(where, "adapter '", name, "' is active with others; a DoRA adapter can only be active alone");
-    init_adapter(reg_.all()[i], config, static_cast<std::size_t>(i));
-    after_config_change("update_layer");
-  }
+  void update_layer(const std::string& name, const LoraConfig& config);
   void update_layer(const LoraConfig& config) {
     const std::string name = reg_.current("update_layer").name;
     update_layer(name, config);
@@ -151,23 +135,13 @@ class LoraLinear {
 
   // PEFT's set_adapter: these adapters become the active ones (in this order). Unmerges first.
   // Unknown or repeated names are refused, changing nothing.
-  void set_adapter(const std::vector<std::string>& names) {
-    reg_.check_active(names);
-    unmerge();
-    reg_.set_active(names);
-    discard_cache("set_adapter");
-  }
+  void set_adapter(const std::vector<std::string>& names);
   void set_adapter(std::initializer_list<std::string> names) { set_adapter(std::vector<std::string>(names)); }
   void set_adapter(const std::string& name) { set_adapter(std::vector<std::string>{name}); }
 
   // Removes adapter `name`. Refused while it is merged (unmerge() first). An active adapter
   // leaves the active set; no other adapter is activated in its place.
-  void delete_adapter(std::string name) {
-    reg_.at("delete_adapter", name);
-    if (reg_.is_merged(name)) detail::fail("LoraLinear::delete_adapter: adapter '", name, "' is merged; unmerge() first");
-    reg_.erase(name);
-    discard_cache("delete_adapter");
-  }
+  void delete_adapter(std::string name);
 
   // The one active adapter's settings and tensors (or a named adapter's).
   const LoraConfig& config() const { return reg_.current("config").config; }
@@ -291,42 +265,7 @@ class LoraLinear {
     return y;
   }
 
-  void forward(const MatRef& x, const std::vector<std::string>& names, Mat& y) const {
-    const char* where = "LoraLinear::forward (mixed batch): ";
-    check_input("forward", x);
-    check_no_alias("forward", "Y", y, "X", x);
-    if (static_cast<Index>(names.size()) != x.rows())
-      detail::fail(where, names.size(), " adapter names for ", x.rows(), " rows of X; give one per row");
-    if (is_merged()) detail::fail(where, "the layer is merged; unmerge() before serving a mixed batch");
-    thread_local std::vector<int> which;  // adapter of each row, -1 for the base
-    which.resize(names.size());
-    for (std::size_t i = 0; i < names.size(); ++i) {
-      if (names[i] == kBase) {
-        which[i] = -1;
-        continue;
-      }
-      which[i] = reg_.find(names[i]);
-      if (which[i] < 0)
-        detail::fail(where, "row ", i, ": no adapter '", names[i], "' (the layer has ", detail::quoted_list(adapter_names()), ")");
-      if (reg_.all()[which[i]].config.use_dora)
-        detail::fail(where, "row ", i, ": adapter '", names[i], "' uses DoRA, which a mixed batch does not support");
-    }
-    y.resize(x.rows(), out_);
-    init_with_bias(y);
-    add_base(x, y);
-    if (disabled_) return;
-    thread_local detail::RowGroups groups;
-    groups.build(which, reg_.size());
-    // Each group writes only its own rows of y, so groups run in parallel (one thread each, with
-    // its own buffers); the base GEMM above used all threads.
-    const detail::RowGroups& g = groups;  // thread_locals are per thread: pass the caller's by reference
-    const int ng = static_cast<int>(g.nonempty.size());
-#pragma omp parallel for schedule(dynamic) if (ng > 1 && g.rows.size() * std::size_t(in_) >= (1u << 16))
-    for (int k = 0; k < ng; ++k) {
-      const Adapter& a = reg_.all()[g.nonempty[k]];
-      detail::add_lora_rows<Scalar>(x, a.A, a.B, a.s, g.rows_of(g.nonempty[k]), g.count(g.nonempty[k]), y);
-    }
-  }
+  void forward(const MatRef& x, const std::vector<std::string>& names, Mat& y) const;
 
   // ---- training --------------------------------------------------------------------------
   // forward_train, x (n, in) -> y (n, out), keeps in the Cache, for each active adapter:
@@ -498,34 +437,12 @@ class LoraLinear {
   // not, as PEFT's merge(adapter_names)). No-op while adapters are disabled. With DoRA:
   // W ← c ⊙_rows (W + s·B·A). Unknown names are refused, changing nothing.
   void merge() { merge(reg_.active()); }
-  void merge(const std::vector<std::string>& names) {
-    const std::vector<std::size_t> todo = reg_.to_merge("merge", names, disabled_);
-    if (todo.empty()) return;
-    begin_merge();
-    for (std::size_t i : todo) {
-      Adapter& a = reg_.all()[i];
-      a.dora_c = merge_delta(a, w_.writable());
-      reg_.mark_merged(a.name);
-    }
-    discard_cache("merge");
-  }
+  void merge(const std::vector<std::string>& names);
 
   // As merge(), but computes the merged weight first and throws, changing nothing, if any value
   // is not finite.
   void safe_merge() { safe_merge(reg_.active()); }
-  void safe_merge(const std::vector<std::string>& names) {
-    const std::vector<std::size_t> todo = reg_.to_merge("safe_merge", names, disabled_);
-    if (todo.empty()) return;
-    std::vector<Vec> kept;
-    const Mat merged = merged_weight("safe_merge", todo, &kept);
-    begin_merge();
-    w_.writable() = merged;
-    for (std::size_t k = 0; k < todo.size(); ++k) {
-      reg_.all()[todo[k]].dora_c = std::move(kept[k]);
-      reg_.mark_merged(reg_.all()[todo[k]].name);
-    }
-    discard_cache("safe_merge");
-  }
+  void safe_merge(const std::vector<std::string>& names);
 
   // Throws what merge() would refuse for, changing nothing.
   void check_merge() const { reg_.to_merge("merge", reg_.active(), disabled_); }
@@ -533,26 +450,11 @@ class LoraLinear {
   // Throws what safe_merge() (safe_merge(names)) would refuse for, changing nothing; for merges
   // of several layers that must all succeed or none happen.
   void check_safe_merge() const { check_safe_merge(reg_.active()); }
-  void check_safe_merge(const std::vector<std::string>& names) const {
-    const std::vector<std::size_t> todo = reg_.to_merge("safe_merge", names, disabled_);
-    if (!todo.empty()) merged_weight("safe_merge", todo, nullptr);
-  }
+  void check_safe_merge(const std::vector<std::string>& names) const;
 
   // Takes every merged adapter out of W (in reverse merge order; with exact_unmerge or a
   // read-only borrow W is restored exactly). No-op when nothing is merged.
-  void unmerge() {
-    if (!is_merged()) return;
-    if (!w_.restore()) {
-      MatMap w = w_.writable();
-      for (auto it = reg_.merged().rbegin(); it != reg_.merged().rend(); ++it) {
-        const Adapter& a = adapter(*it);
-        if (a.config.use_dora) scale_outputs(w, a.dora_c.cwiseInverse());  // W' / c, with c from merge time
-        add_delta(w, a, Scalar(-1));
-      }
-    }
-    reg_.clear_merged();
-    discard_cache("unmerge");
-  }
+  void unmerge();
 
  private:
   // An adapter's settings, factors and gradients (PEFT's lora_A[name], lora_B[name], ...).
@@ -602,47 +504,13 @@ class LoraLinear {
 
   // A config for adapter `name` (new or replaced): valid, the layer's storage layout, and the
   // bias mode and exact_unmerge of the layer's other adapters.
-  void check_adapter_config(const char* where, const std::string& name, const LoraConfig& config) const {
-    config.check(where);
-    if (config.fan_in_fan_out != fan_in_fan_out_)
-      detail::fail(where, "fan_in_fan_out is ", config.fan_in_fan_out, ", the layer's weight was given with ", fan_in_fan_out_);
-    if (config.bias == BiasMode::trainable && !has_bias_)
-      detail::fail(where, "bias mode is trainable but the layer has no bias");
-    if (config.use_dora && train_base_) detail::fail(where, "use_dora is not supported while the base trains");
-    if (config.use_dora && is_merged()) detail::fail(where, "use_dora while adapters are merged into W; unmerge() first");
-    for (const auto& a : reg_.all()) {
-      if (a.name == name) continue;
-      if (a.config.bias != config.bias)
-        detail::fail(where, "bias mode differs from adapter '", a.name, "''s; every adapter of a layer has the same");
-      if (a.config.exact_unmerge != config.exact_unmerge)
-        detail::fail(where, "exact_unmerge differs from adapter '", a.name, "''s; every adapter of a layer has the same");
-    }
-  }
+  void check_adapter_config(const char* where, const std::string& name, const LoraConfig& config) const;
 
   // Fresh A, B (initialised as config says), zero gradients, scaling, dropout stream.
-  void init_adapter(Adapter& a, const LoraConfig& config, std::size_t index) {
-    a.config = config;
-    a.s = static_cast<Scalar>(config.scaling());
-    a.A.resize(config.r, in_);
-    a.B.resize(out_, config.r);
-    detail::Rng init_rng(config.seed);
-    init_lora(config.init, a.A, a.B, init_rng);
-    a.rng = dropout_rng(config.seed, index);
-    a.grad_A = Mat::Zero(config.r, in_);
-    a.grad_B = Mat::Zero(out_, config.r);
-    a.m = config.use_dora ? norm_of(a) : Vec();  // PEFT: m starts at ‖W + s·B·A‖, so y is unchanged
-    a.grad_m = Vec::Zero(a.m.size());
-    a.dora_c.resize(0);
-  }
+  void init_adapter(Adapter& a, const LoraConfig& config, std::size_t index);
 
   // The layer-wide settings follow the adapters' (all equal, see check_adapter_config).
-  void after_config_change(const char* fn) {
-    const LoraConfig& c = reg_.all().front().config;
-    exact_unmerge_ = c.exact_unmerge;
-    bias_mode_ = c.bias;
-    reset_grad_bias();
-    discard_cache(fn);
-  }
+  void after_config_change(const char* fn);
 
   void reset_grad_bias() {
     const bool on = has_bias_ && (bias_mode_ == BiasMode::trainable || train_base_);
@@ -674,23 +542,10 @@ class LoraLinear {
 
   // W with adapters todo merged, computed aside; throws (naming fn) if a value is not finite.
   // kept, when given, receives each adapter's DoRA scale.
-  Mat merged_weight(const char* fn, const std::vector<std::size_t>& todo, std::vector<Vec>* kept) const {
-    Mat merged = weight();
-    for (std::size_t i : todo) {
-      Vec c = merge_delta(reg_.all()[i], MatMap(merged.data(), merged.rows(), merged.cols()));
-      if (kept) kept->push_back(std::move(c));
-    }
-    if (!merged.allFinite()) detail::fail("LoraLinear::", fn, ": the merged weight has non-finite values; W is unchanged");
-    return merged;
-  }
+  Mat merged_weight(const char* fn, const std::vector<std::size_t>& todo, std::vector<Vec>* kept) const;
 
   // w ← w + s·B·A, then with DoRA w ← c ⊙_rows w; returns c (empty without DoRA).
-  Vec merge_delta(const Adapter& a, MatMap w) const {
-    const Vec c = a.config.use_dora ? Vec(a.m.cwiseQuotient(norm_of(a))) : Vec();
-    add_delta(w, a, Scalar(1));
-    if (a.config.use_dora) scale_outputs(w, c);
-    return c;
-  }
+  Vec merge_delta(const Adapter& a, MatMap w) const;
 
   // ‖W + s·B·A‖ per output row of adapter a.
   Vec norm_of(const Adapter& a) const { return detail::dora_norm<Scalar>(weight(), fan_in_fan_out_, a.A, a.B, a.s); }
@@ -714,12 +569,7 @@ class LoraLinear {
   void rescale(Mat& y, const Vec& c) const { detail::rescale_outputs<Scalar>(y, has_bias_ ? &bias_ : nullptr, c); }
 
   // w += sign·s·B·A in W's storage layout, as one GEMM, no (out, in) temporary.
-  void add_delta(MatMap w, const Adapter& a, Scalar sign) const {
-    if (fan_in_fan_out_)
-      w.noalias() += (sign * a.s) * a.A.transpose() * a.B.transpose();
-    else
-      w.noalias() += (sign * a.s) * a.B * a.A;
-  }
+  void add_delta(MatMap w, const Adapter& a, Scalar sign) const;
 
   void check_input(const char* fn, const MatRef& x) const {
     if (x.cols() != in_)
@@ -749,15 +599,7 @@ class LoraLinear {
       y.noalias() += x * weight().transpose();
   }
 
-  void set_factor(const char* fn, const char* what, const MatRef& v, Adapter& a) {
-    Mat& dst = what[0] == 'A' ? a.A : a.B;
-    if (reg_.is_merged(a.name)) detail::fail("LoraLinear::", fn, ": adapter '", a.name, "' is merged; unmerge() before changing ", what);
-    if (v.rows() != dst.rows() || v.cols() != dst.cols())
-      detail::fail("LoraLinear::", fn, ": ", what, " is ", detail::shape(v.rows(), v.cols()), ", expected ",
-                   detail::shape(dst.rows(), dst.cols()));
-    dst = v;
-    discard_cache(fn);
-  }
+  void set_factor(const char* fn, const char* what, const MatRef& v, Adapter& a);
 
   Index in_ = 0, out_ = 0;
   bool fan_in_fan_out_ = false;
@@ -775,3 +617,8 @@ class LoraLinear {
 };
 
 }  // namespace lora
+
+// Out-of-class definitions: the named adapters, merging, and the mixed-batch forward.
+#include <lora/detail/linear_adapters.hpp>
+#include <lora/detail/linear_merge.hpp>
+#include <lora/detail/linear_mixed_batch.hpp>

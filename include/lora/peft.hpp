@@ -48,10 +48,15 @@ struct LoadOptions {
 namespace detail {
 
 inline const std::string kPeftPrefix = "base_model.model.";
+// PEFT keys are module paths of a few dozen characters; a file's author controls them, so longer
+// ones are refused before they reach the matcher or an error message.
+constexpr std::size_t kMaxKeyLength = 1024;
 
 // "base_model.model.<module>.lora_A.weight" -> module, 'A' ('B'; 'M' for DoRA's
 // lora_magnitude_vector, with or without ".weight"); errors for other keys.
 inline std::pair<std::string, char> split_peft_key(const std::string& key, const std::string& file) {
+  if (key.size() > kMaxKeyLength)
+    fail(file, ": a tensor name is ", key.size(), " bytes long, more than ", kMaxKeyLength, ": '", key.substr(0, 60), "...'");
   for (auto [suffix, kind] : {std::pair{".lora_A.weight", 'A'}, std::pair{".lora_B.weight", 'B'},
                               std::pair{".lora_magnitude_vector", 'M'}, std::pair{".lora_magnitude_vector.weight", 'M'}}) {
     const std::size_t n = std::strlen(suffix);

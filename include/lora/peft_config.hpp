@@ -4,7 +4,7 @@
 //   {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], ...}
 //
 // target_modules / exclude_modules: a list (the path equals a name or ends with "." + name) or a
-// string (a regex that must match the whole path). rank_pattern / alpha_pattern: the first key
+// string (a regex that must match the whole path; RE2, linear in the path, see make_regex). rank_pattern / alpha_pattern: the first key
 // k, in file order, such that the path matches "(.*\.)?(k)" gives the module's r / alpha.
 // Refused with an error naming the field: other peft_types, bias other than "none",
 // modules_to_save, layers_to_transform/layers_pattern, target_parameters and the other options
@@ -13,13 +13,16 @@
 
 #include <lora/config.hpp>
 #include <lora/detail/files.hpp>
+#include <lora/detail/json.hpp>
 #include <lora/error.hpp>
 
 #include <nlohmann/json.hpp>
+#include <re2/re2.h>
 
 #include <cmath>
+#include <cstdint>
+#include <memory>
 #include <optional>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -28,47 +31,31 @@ namespace lora {
 
 namespace detail {
 
-// std::regex (ECMAScript, close to Python's re for the patterns PEFT configs use) of a pattern
-// from a config. Patterns longer than 1000 characters or with a number of more than 6 digits
-// (a repeat count or a back-reference; libstdc++ overflows on huge ones) are refused before
-// they reach std::regex. what names the field in the error.
-inline std::regex make_regex(const std::string& pattern, const std::string& what) {
-  std::size_t digits = 0;
-  for (char ch : pattern) {
-    digits = (ch >= '0' && ch <= '9') ? digits + 1 : 0;
-    if (digits > 6) fail(what, " has a number of more than 6 digits: refused as a regular expression");
-  }
-  if (pattern.size() > 1000) fail(what, " is ", pattern.size(), " characters long, more than 1000");
-  // A quantifier right after a quantifier ("a**", "a+*", "a{2}+"; the lazy "a*?" is fine) is
-  // Python's "multiple repeat" error; std::regex accepts some and then backtracks without end.
-  bool after_quantifier = false, after_lazy = false, in_class = false;
-  for (std::size_t i = 0; i < pattern.size(); ++i) {
-    const char ch = pattern[i];
-    if (ch == '\\') {
-      ++i;
-      after_quantifier = after_lazy = false;
-      continue;
-    }
-    if (in_class) {
-      in_class = ch != ']';
-      continue;
-    }
-    const bool quantifier = ch == '*' || ch == '+' || ch == '?' || ch == '{';
-    if (quantifier && (after_lazy || (after_quantifier && ch != '?')))
-      fail(what, " repeats a repetition at position ", i, " (multiple repeat): ", pattern);
-    after_lazy = after_quantifier && ch == '?';
-    if (ch == '{') {
-      const std::size_t close = pattern.find('}', i);
-      if (close != std::string::npos) i = close;
-    }
-    after_quantifier = quantifier && !after_lazy;
-    in_class = ch == '[';
-  }
-  try {
-    return std::regex(pattern);
-  } catch (const std::regex_error& e) {
-    fail(what, " is not a valid regular expression: ", pattern, " (", e.what(), ")");
-  }
+constexpr std::size_t kMaxPatternLength = 1 << 16;    // characters of one pattern
+constexpr std::int64_t kMaxPatternMemory = 8 << 20;   // bytes RE2 may use for one pattern
+
+// A pattern from a config, compiled by RE2: matching takes time linear in the module path and
+// bounded stack, whatever the pattern (std::regex and Python's re backtrack: "(a+)+$" doubles
+// its time per character, and a long path overflows std::regex's stack). RE2's syntax is
+// Python's for what configs use (classes, groups, (?:...), (?P<name>...), alternation, lazy and
+// counted repeats, (?i)); look-around and back-references have no linear-time match and are
+// refused here with an error naming the field (what). \d and \w are ASCII-only in RE2.
+inline std::unique_ptr<const re2::RE2> make_regex(const std::string& pattern, const std::string& what) {
+  if (pattern.size() > kMaxPatternLength)
+    fail(what, " is ", pattern.size(), " characters long, more than ", kMaxPatternLength);
+  re2::RE2::Options options;
+  options.set_log_errors(false);
+  options.set_max_mem(kMaxPatternMemory);
+  auto re = std::make_unique<const re2::RE2>(pattern, options);
+  if (!re->ok())
+    fail(what, " is not a regular expression this library can match (", re->error(),
+         "; RE2 syntax: Python's without look-around or back-references): ", pattern.substr(0, 200));
+  return re;
+}
+
+// Python's re.fullmatch(pattern, s) is not None.
+inline bool full_match(const std::string& pattern, const std::string& s, const std::string& what) {
+  return re2::RE2::FullMatch(s, *make_regex(pattern, what));
 }
 
 }  // namespace detail
@@ -92,8 +79,9 @@ struct PeftConfig {
 
   // PEFT's check_target_module_exists for a module path.
   bool targets(const std::string& module) const {
-    if (exclude_regex ? full_match(*exclude_regex, module) : names_match(exclude_modules, module)) return false;
-    return target_regex ? full_match(*target_regex, module) : names_match(target_modules, module);
+    if (exclude_regex ? detail::full_match(*exclude_regex, module, "exclude_modules") : names_match(exclude_modules, module))
+      return false;
+    return target_regex ? detail::full_match(*target_regex, module, "target_modules") : names_match(target_modules, module);
   }
   int rank_for(const std::string& module) const { return pattern_value(rank_pattern, module, r); }
   double alpha_for(const std::string& module) const { return pattern_value(alpha_pattern, module, lora_alpha); }
@@ -118,9 +106,6 @@ struct PeftConfig {
   std::string to_json() const;
 
  private:
-  static bool full_match(const std::string& re, const std::string& s) {
-    return std::regex_match(s, detail::make_regex(re, "a module regex"));
-  }
   static bool names_match(const std::vector<std::string>& names, const std::string& m) {
     for (const auto& n : names)
       if (m == n || (m.size() > n.size() && m.compare(m.size() - n.size(), n.size(), n) == 0 &&
@@ -131,7 +116,7 @@ struct PeftConfig {
   template <class T>
   static T pattern_value(const std::vector<std::pair<std::string, T>>& pattern, const std::string& m, T dflt) {
     for (const auto& [key, value] : pattern)
-      if (std::regex_match(m, detail::make_regex("(.*\\.)?(" + key + ")", "pattern key \"" + key + "\""))) return value;
+      if (detail::full_match("(.*\\.)?(" + key + ")", m, "pattern key \"" + key + "\"")) return value;
     return dflt;
   }
 };
@@ -162,7 +147,9 @@ inline void read_names(const nlohmann::ordered_json& j, const char* field, const
 inline PeftConfig PeftConfig::from_json(const std::string& text, const std::string& label) {
   PeftConfig c;
   try {
-    c.raw = nlohmann::ordered_json::parse(text);
+    c.raw = detail::parse_json<nlohmann::ordered_json>(text.data(), text.data() + text.size());
+  } catch (const Error& e) {
+    detail::fail(label, ": ", e.what());
   } catch (const nlohmann::json::exception& e) {
     detail::fail(label, ": not valid JSON: ", e.what());
   }

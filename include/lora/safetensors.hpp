@@ -16,6 +16,7 @@
 #pragma once
 
 #include <lora/detail/files.hpp>
+#include <lora/detail/json.hpp>
 #include <lora/error.hpp>
 #include <lora/types.hpp>
 
@@ -116,7 +117,6 @@ inline std::string shape_string(const std::vector<std::uint64_t>& shape) {
 namespace detail {
 
 constexpr std::uint64_t kMaxHeaderSize = 100000000;
-constexpr int kMaxJsonDepth = 128;
 
 // Bytes that stay alive as long as any SafeTensors (or Map from it) refers to them.
 struct Storage {
@@ -351,18 +351,15 @@ class SafeTensors {
 
     nlohmann::json header;
     try {
-      // Reject duplicate keys at any depth and nesting deeper than kMaxJsonDepth.
+      // Reject duplicate keys at any depth (and, in parse_json, nesting deeper than kMaxJsonDepth).
       std::vector<std::set<std::string>> keys;
-      auto check = [&keys](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& v) {
+      header = detail::parse_json<nlohmann::json>(h, h + n, [&keys](nlohmann::json::parse_event_t ev, nlohmann::json& v) {
         using E = nlohmann::json::parse_event_t;
-        if (depth > detail::kMaxJsonDepth) throw Error(detail::cat("nesting deeper than ", detail::kMaxJsonDepth));
         if (ev == E::object_start) keys.emplace_back();
         else if (ev == E::object_end) keys.pop_back();
         else if (ev == E::key && !keys.back().insert(v.get<std::string>()).second)
-          throw Error(detail::cat("duplicate key \"", v.get<std::string>(), "\""));
-        return true;
-      };
-      header = nlohmann::json::parse(h, h + n, check);
+          detail::fail("duplicate key \"", v.get<std::string>(), "\"");
+      });
     } catch (const Error& e) {
       bad(detail::cat("header is invalid: ", e.what()));
     } catch (const nlohmann::json::exception& e) {
