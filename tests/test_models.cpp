@@ -1,7 +1,9 @@
 // The causal language models (models/llama.hpp, models/gpt2.hpp) on the tiny transformers
 // checkpoints: logits against transformers' (the full check of every adapter is lm_check, under
 // ctest), padding, LoRA layers by module path, and bad checkpoints and inputs.
+#include <lora/models/generate.hpp>
 #include <lora/models/gpt2.hpp>
+#include <lora/loss.hpp>
 #include <lora/models/llama.hpp>
 #include <lora/peft.hpp>
 
@@ -39,7 +41,140 @@ void check_base_logits(const std::string& dir) {
   EXPECT_LE(relative_error(model.forward(io.integers("input_ids")), io.matrix<double>("logits_base")), 1e-6);
 }
 
+// Prefill 3 tokens, then one at a time, with left padding in the first sequence: every row equals
+// the full forward's.
+template <class Model>
+void check_incremental(const std::string& dir) {
+  const Model model(dir);
+  Ids ids(2, 7), mask = Ids::Ones(2, 7);
+  ids << 0, 0, 11, 12, 13, 14, 15, 21, 22, 23, 24, 25, 26, 27;
+  mask(0, 0) = mask(0, 1) = 0;
+  const lora::Mat<double> full = model.forward(ids, mask);
+  auto cache = model.make_cache(2, 7);
+  lora::Mat<double> got(14, full.cols());
+  const lora::Mat<double> first = model.forward(Ids(ids.leftCols(3)), Ids(mask.leftCols(3)), &cache);
+  for (Eigen::Index b = 0; b < 2; ++b) got.middleRows(b * 7, 3) = first.middleRows(b * 3, 3);
+  for (Eigen::Index t = 3; t < 7; ++t) {
+    const lora::Mat<double> step = model.forward(Ids(ids.col(t)), Ids(mask.col(t)), &cache);
+    for (Eigen::Index b = 0; b < 2; ++b) got.row(b * 7 + t) = step.row(b);
+  }
+  EXPECT_EQ(cache.length, 7);
+  // Rows of real tokens (a pad's row is never used).
+  for (Eigen::Index r : {2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13}) EXPECT_LE((got.row(r) - full.row(r)).cwiseAbs().maxCoeff(), 1e-12) << r;
+  EXPECT_LORA_ERROR(model.forward(Ids::Zero(2, 1), {}, &cache), "7 cached + 1 new tokens exceed the cache's capacity 7");
+  EXPECT_EQ(cache.length, 7);
+}
+
+// Greedy generation: each token is the argmax of the full forward over prompt + tokens so far,
+// and a prompt continues in a batch (left-padded) as it does alone.
+template <class Model>
+void check_greedy(const std::string& dir) {
+  const Model model(dir);
+  const std::vector<std::vector<std::int64_t>> prompts = {{5, 9, 2, 33}, {40, 7}};
+  lora::GenerationConfig g;
+  g.max_new_tokens = 6;
+  const auto out = lora::generate(model, prompts, g);
+  for (std::size_t b = 0; b < prompts.size(); ++b) {
+    ASSERT_EQ(out[b].size(), 6u);
+    std::vector<std::int64_t> text = prompts[b];
+    for (std::int64_t token : out[b]) {
+      const Ids row = Eigen::Map<const Ids>(text.data(), 1, Eigen::Index(text.size()));
+      const lora::Mat<double> logits = model.forward(row);
+      Eigen::Index best;
+      logits.row(logits.rows() - 1).maxCoeff(&best);
+      EXPECT_EQ(token, best);
+      text.push_back(token);
+    }
+    EXPECT_EQ(lora::generate(model, {prompts[b]}, g)[0], out[b]);
+  }
+}
+
 }  // namespace
+
+TEST(Models, LlamaIncrementalDecodeEqualsTheFullForward) { check_incremental<lora::LlamaModel<double>>(kLlama); }
+TEST(Models, Gpt2IncrementalDecodeEqualsTheFullForward) { check_incremental<lora::Gpt2Model<double>>(kGpt2); }
+TEST(Models, LlamaGreedyGenerationFollowsTheFullForward) { check_greedy<lora::LlamaModel<double>>(kLlama); }
+TEST(Models, Gpt2GreedyGenerationFollowsTheFullForward) { check_greedy<lora::Gpt2Model<double>>(kGpt2); }
+
+TEST(Models, SamplingIsSeededAndStopsAtStopTokens) {
+  const lora::LlamaModel<double> model(kLlama);
+  lora::GenerationConfig g;
+  g.max_new_tokens = 12;
+  g.temperature = 1.0;
+  g.top_k = 20;
+  g.top_p = 0.9;
+  g.seed = 7;
+  const auto a = lora::generate(model, {{1, 2, 3}, {4}}, g);
+  EXPECT_EQ(lora::generate(model, {{1, 2, 3}, {4}}, g), a);
+  g.seed = 8;
+  EXPECT_NE(lora::generate(model, {{1, 2, 3}, {4}}, g), a);
+  // top_k = 1 is greedy whatever the temperature.
+  g.top_k = 1;
+  lora::GenerationConfig greedy;
+  greedy.max_new_tokens = 12;
+  EXPECT_EQ(lora::generate(model, {{1, 2, 3}}, g), lora::generate(model, {{1, 2, 3}}, greedy));
+  // A stop token ends its sequence (and is kept); the other goes on.
+  const auto full = lora::generate(model, {{1, 2, 3}, {4}}, greedy);
+  lora::GenerationConfig stop = greedy;
+  stop.stop_tokens = {full[0][2]};
+  const auto cut = lora::generate(model, {{1, 2, 3}, {4}}, stop);
+  const auto first_stop = std::find(full[0].begin(), full[0].end(), full[0][2]) - full[0].begin();
+  EXPECT_EQ(cut[0], std::vector<std::int64_t>(full[0].begin(), full[0].begin() + first_stop + 1));
+  EXPECT_LORA_ERROR(lora::generate(model, {{1}}, [] { lora::GenerationConfig c; c.top_p = 0; return c; }()), "top_p is 0");
+  EXPECT_LORA_ERROR(lora::generate(model, {std::vector<std::int64_t>(60, 1)}, greedy), "exceed max_position_embeddings 64");
+}
+
+// Gradients of the LoRA factors through the whole Llama (GQA, rope, RMSNorm, SiLU MLP, padding,
+// -100 labels) against central differences of causal_lm_loss, in double.
+TEST(Models, LlamaLoraGradientsMatchFiniteDifferences) {
+  const auto config = lora::PeftConfig::read(kLlama + "/adapter/adapter_config.json");
+  lora::LlamaModel<double> model(kLlama, &config);
+  lora::load_adapter(kLlama + "/adapter", model.modules());  // B != 0, so A gets gradients too
+  Ids ids(2, 6), mask = Ids::Ones(2, 6);
+  ids << 0, 7, 3, 9, 17, 4, 5, 6, 7, 8, 9, 10;
+  mask(0, 0) = 0;
+  Ids labels = ids;
+  labels(0, 0) = labels(0, 1) = labels(1, 3) = -100;
+  auto loss = [&] { return lora::causal_lm_loss<double>(model.forward(ids, mask), labels).loss; };
+  model.modules().zero_grad();
+  const auto r = lora::causal_lm_loss<double>(model.forward_train(ids, mask), labels);
+  EXPECT_NEAR(r.loss, loss(), 1e-12);
+  model.backward(r.grad);
+  EXPECT_LORA_ERROR(model.backward(r.grad), "no forward_train");
+  std::uint64_t seed = 1;
+  double worst = 0;
+  int nonzero = 0;
+  for (const std::string m : {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
+                              "model.layers.1.self_attn.o_proj", "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.up_proj",
+                              "model.layers.0.mlp.down_proj"}) {
+    auto& layer = model.modules().at(m);
+    for (int which = 0; which < 2; ++which) {
+      lora::Mat<double> w = which ? layer.lora_B() : layer.lora_A();
+      const lora::Mat<double>& grad = which ? layer.grad_B() : layer.grad_A();
+      for (int k = 0; k < 3; ++k) {
+        const Eigen::Index i = Eigen::Index(seed * 7 % w.rows()), j = Eigen::Index(seed * 13 % w.cols());
+        seed += 5;
+        const double h = 1e-5, orig = w(i, j);
+        auto set = [&](double v) {
+          w(i, j) = v;
+          which ? layer.set_lora_B(w) : layer.set_lora_A(w);
+        };
+        set(orig + h);
+        const double up = loss();
+        set(orig - h);
+        const double down = loss();
+        set(orig);
+        const double fd = (up - down) / (2 * h);
+        worst = std::max(worst, std::abs(fd - grad(i, j)) / std::max(1e-3, std::abs(fd)));
+        nonzero += std::abs(fd) > 1e-4;
+        EXPECT_NEAR(grad(i, j), fd, 1e-7 + 1e-6 * std::abs(fd)) << m << (which ? " B" : " A") << "(" << i << ", " << j << ")";
+      }
+    }
+  }
+  EXPECT_GE(nonzero, 36);  // of 42 entries: the check compares real gradients, not zeros
+  RecordProperty("worst_relative_error", lora::detail::cat(worst));
+  RecordProperty("nonzero", nonzero);
+}
 
 // Left padding with the padded keys hidden: rotary embeddings see only relative positions, so
 // the real tokens' logits are those of the sequence alone (up to the float angles of the rotary

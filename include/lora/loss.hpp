@@ -3,6 +3,9 @@
 //   cross_entropy  logits (n, classes), labels (n) in [0, classes):
 //     p = softmax(logits) by rows (max-subtracted), q = (1−ε)·onehot(label) + ε/classes
 //     loss = −(1/n) Σ_i Σ_c q_ic·log p_ic        d logits = (p − q)/n
+//   causal_lm_loss logits (batch·T, vocab), labels (batch, T): position t predicts labels(b, t+1)
+//     (shifted inside, as transformers' ForCausalLM), labels −100 are ignored, mean over the N
+//     counted positions: loss = −(1/N) Σ log p_{label}    d logits = (p − onehot)/N there, 0 elsewhere
 //   mse            y, target (n, m):   loss = mean((y − target)²)   d y = 2·(y − target)/(n·m)
 #pragma once
 
@@ -53,6 +56,39 @@ LossResult<Scalar> cross_entropy(const MatRef<Scalar>& logits, const std::vector
   }
   r.grad /= Scalar(n);
   r.loss = static_cast<Scalar>(total / double(n));
+  return r;
+}
+
+template <class Scalar>
+LossResult<Scalar> causal_lm_loss(const MatRef<Scalar>& logits, const Mat<std::int64_t>& labels) {
+  const Index batch = labels.rows(), T = labels.cols(), vocab = logits.cols();
+  if (logits.rows() != batch * T)
+    detail::fail("causal_lm_loss: logits have ", logits.rows(), " rows, labels ", detail::shape(batch, T), " need ", batch * T);
+  Index counted = 0;
+  for (Index b = 0; b < batch; ++b)
+    for (Index t = 1; t < T; ++t) {
+      const std::int64_t y = labels(b, t);
+      if (y == -100) continue;
+      if (y < 0 || y >= vocab) detail::fail("causal_lm_loss: labels(", b, ", ", t, ") is ", y, ", outside [0, ", vocab, ") and not -100");
+      ++counted;
+    }
+  if (counted == 0) detail::fail("causal_lm_loss: every label after the first position is -100; nothing to predict");
+  LossResult<Scalar> r{0, Mat<Scalar>::Zero(logits.rows(), vocab)};
+  double total = 0;
+  for (Index b = 0; b < batch; ++b)
+    for (Index t = 0; t + 1 < T; ++t) {
+      const std::int64_t y = labels(b, t + 1);
+      if (y == -100) continue;
+      const Index i = b * T + t;
+      const Scalar m = logits.row(i).maxCoeff();
+      auto p = r.grad.row(i);
+      p = (logits.row(i).array() - m).exp();
+      const Scalar z = p.sum();
+      total += double(std::log(z) + m - logits(i, y));
+      p /= z * Scalar(counted);
+      p(y) -= Scalar(1) / Scalar(counted);
+    }
+  r.loss = static_cast<Scalar>(total / double(counted));
   return r;
 }
 

@@ -1,7 +1,7 @@
 // Gpt2Model<Scalar>: a Hugging Face GPT-2 checkpoint (model_type "gpt2": config.json +
 // model.safetensors) whose linear layers take LoRA by their module paths, as PEFT names them.
 //
-//   h = wte[ids] + wpe[0..T−1]                                   ids (batch, T) -> h (batch·T, d)
+//   h = wte[ids] + wpe[positions]                                ids (batch, T) -> h (batch·T, d)
 //   per layer i (transformer.h.i):
 //     q | k | v = attn.c_attn(ln_1(h))                           (·, 3d), split by columns
 //     h += attn.c_proj(attention(q, k, v))                       causal, heads of d / n_head
@@ -72,21 +72,28 @@ class Gpt2Model {
 
   // ids (batch, T) -> logits (batch·T, vocab), row b·T + t for token t of sequence b.
   // attention_mask (batch, T), 1 = token, 0 = padding (hidden as a key); empty = no padding.
-  // const and thread-safe (no caches).
-  Mat forward(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {}) const {
+  // Positions skip pads (token_positions). With a cache (make_cache), ids are the tokens after
+  // the cached ones: only they are computed, attending to the cached ones too, and they are
+  // added to the cache. const and thread-safe (a cache belongs to one caller).
+  Mat forward(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {},
+              KvCache<Scalar>* cache = nullptr) const {
     const LmConfig& c = config_;
-    const Index batch = ids.rows(), T = ids.cols(), d = c.hidden_size;
-    check_token_ids("Gpt2Model::forward", ids, attention_mask, c.vocab_size, c.max_position_embeddings);
+    const Index batch = ids.rows(), T = ids.cols(), d = c.hidden_size, past = cache ? cache->length : 0;
+    check_token_ids("Gpt2Model::forward", ids, attention_mask, c.vocab_size, c.max_position_embeddings, past);
+    const lora::Mat<std::int64_t> key_mask = begin_cached_forward("Gpt2Model::forward", cache, ids, attention_mask, int(layers_.size()));
+    const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
     Mat h(batch * T, d), a, qkv, q, k, v, o, y, f;
     for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.row(ids(b, t)) + wpe_.row(t);
-    for (const Layer& L : layers_) {
+      for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.row(ids(b, t)) + wpe_.row(pos(b, t));
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
       layer_norm(h, L.ln1_w, L.ln1_b, c.rms_norm_eps, a);
       L.c_attn.forward(a, qkv);
       q = qkv.leftCols(d);
       k = qkv.middleCols(d, d);
       v = qkv.rightCols(d);
-      causal_attention(q, k, v, batch, T, c.num_attention_heads, c.num_attention_heads, c.head_dim, attention_mask, o);
+      const AttentionInputs<Scalar> kv = keys_and_values(k, v, batch, T, cache, int(l));
+      causal_attention(q, *kv.K, *kv.V, batch, T, past, kv.stride, c.num_attention_heads, c.num_attention_heads, c.head_dim, key_mask, o);
       L.attn_proj.forward(o, y);
       h += y;
       layer_norm(h, L.ln2_w, L.ln2_b, c.rms_norm_eps, a);
@@ -96,10 +103,16 @@ class Gpt2Model {
       L.mlp_proj.forward(f, y);
       h += y;
     }
+    end_cached_forward(cache, ids, attention_mask);
     layer_norm(h, lnf_w_, lnf_b_, c.rms_norm_eps, a);
     Mat logits(batch * T, c.vocab_size);
     logits.noalias() = a * wte_.transpose();
     return logits;
+  }
+
+  // An empty cache for batch sequences of up to capacity tokens each.
+  KvCache<Scalar> make_cache(Index batch, Index capacity) const {
+    return KvCache<Scalar>(batch, capacity, int(layers_.size()), config_.hidden_size);
   }
 
  private:

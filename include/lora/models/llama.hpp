@@ -4,7 +4,7 @@
 //   h = embed_tokens[ids]                                          ids (batch, T) -> h (batch·T, d)
 //   per layer i (model.layers.i):
 //     a = rms(h)·γ₁;  q, k, v = q_proj(a), k_proj(a), v_proj(a)   q (·, heads·dh), k, v (·, kv·dh)
-//     q, k ← rope(q, k) at positions 0..T−1                         (rotate_half form)
+//     q, k ← rope(q, k) at the tokens' positions                   (rotate_half form)
 //     per sequence and head j (kv head j / (heads / kv)):
 //       P = softmax(q_j·k_jᵀ/√dh, causal, padded keys hidden);  o_j = P·v_j
 //     h += o_proj(o)
@@ -85,37 +85,147 @@ class LlamaModel {
 
   // ids (batch, T) -> logits (batch·T, vocab), row b·T + t for token t of sequence b.
   // attention_mask (batch, T), 1 = token, 0 = padding (hidden as a key); empty = no padding.
-  // const and thread-safe (no caches).
-  Mat forward(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {}) const {
+  // Positions skip pads (token_positions). With a cache (make_cache), ids are the tokens after
+  // the cached ones: only they are computed, attending to the cached ones too, and they are
+  // added to the cache. const and thread-safe (a cache belongs to one caller).
+  Mat forward(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {},
+              KvCache<Scalar>* cache = nullptr) const {
     const LmConfig& c = config_;
-    const Index batch = ids.rows(), T = ids.cols();
-    check_token_ids("LlamaModel::forward", ids, attention_mask, c.vocab_size, c.max_position_embeddings);
-    Mat h(batch * T, c.hidden_size), a, q, k, v, o, g, u, y;
+    const Index batch = ids.rows(), T = ids.cols(), past = cache ? cache->length : 0;
+    check_token_ids("LlamaModel::forward", ids, attention_mask, c.vocab_size, c.max_position_embeddings, past);
+    const lora::Mat<std::int64_t> key_mask = begin_cached_forward("LlamaModel::forward", cache, ids, attention_mask, int(layers_.size()));
+    const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
+    Mat h(batch * T, c.hidden_size), a, q, k, v, o, g, u, y, cos, sin;
     for (Index b = 0; b < batch; ++b)
       for (Index t = 0; t < T; ++t) h.row(b * T + t) = embed_.row(ids(b, t));
-    Mat cos, sin;
-    rope_tables(T, cos, sin);
-    for (const Layer& L : layers_) {
+    rope_tables(pos, cos, sin);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
       rms_norm(h, L.norm1, c.rms_norm_eps, a);
       L.q.forward(a, q);
       L.k.forward(a, k);
       L.v.forward(a, v);
-      rope(q, c.num_attention_heads, cos, sin, T);
-      rope(k, c.num_key_value_heads, cos, sin, T);
-      causal_attention(q, k, v, batch, T, c.num_attention_heads, c.num_key_value_heads, c.head_dim, attention_mask, o);
+      rope(q, c.num_attention_heads, cos, sin);
+      rope(k, c.num_key_value_heads, cos, sin);
+      const AttentionInputs<Scalar> kv = keys_and_values(k, v, batch, T, cache, int(l));
+      causal_attention(q, *kv.K, *kv.V, batch, T, past, kv.stride, c.num_attention_heads, c.num_key_value_heads, c.head_dim, key_mask, o);
       L.o.forward(o, y);
       h += y;
       rms_norm(h, L.norm2, c.rms_norm_eps, a);
       L.gate.forward(a, g);
       L.up.forward(a, u);
-      g = (g.array() / (Scalar(1) + (-g.array()).exp()) * u.array()).matrix();  // silu(gate) ⊙ up
+      g = (silu(g).array() * u.array()).matrix();
       L.down.forward(g, y);
       h += y;
     }
+    end_cached_forward(cache, ids, attention_mask);
     rms_norm(h, norm_, c.rms_norm_eps, a);
     Mat logits;
     head_.forward(a, logits);
     return logits;
+  }
+
+  // ---- training ---------------------------------------------------------------------------
+  // forward_train: forward without a cache, keeping per layer what backward needs (the layer's
+  // input h, a₁ and r₁ of its first norm, q and k after rope, v, P per (sequence, head), o, the
+  // input of the MLP half, a₂, r₂, gate and up outputs). backward(dlogits (batch·T, vocab)) goes
+  // through the head, the final norm and the layers in reverse:
+  //   MLP:   dact = down.backward(dh); dgate = dact ⊙ up ⊙ silu'(gate); dup = dact ⊙ silu(gate)
+  //          da₂ = gate.backward(dgate) + up.backward(dup); dh += rms_backward(da₂)
+  //          silu'(x) = σ(x)·(1 + x·(1 − σ(x)))
+  //   attn:  do = o_proj.backward(dh); dq, dk, dv = causal_attention_backward;
+  //          dq, dk ← rope⁻¹ (rotation by −angle); da₁ = q/k/v_proj.backward; dh += rms_backward(da₁)
+  // LoRA layers accumulate their gradients (zero_grad through modules()); frozen weights, norms
+  // and embeddings get none.
+  Mat forward_train(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {}) {
+    const LmConfig& c = config_;
+    const Index batch = ids.rows(), T = ids.cols();
+    check_token_ids("LlamaModel::forward_train", ids, attention_mask, c.vocab_size, c.max_position_embeddings);
+    Train& tr = train_;
+    tr.valid = false;
+    tr.batch = batch;
+    tr.T = T;
+    rope_tables(token_positions(batch, T, attention_mask, nullptr), tr.cos, tr.sin);
+    Mat h(batch * T, c.hidden_size), y, act;
+    for (Index b = 0; b < batch; ++b)
+      for (Index t = 0; t < T; ++t) h.row(b * T + t) = embed_.row(ids(b, t));
+    tr.layers.resize(layers_.size());
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      LayerCache& lc = tr.layers[l];
+      lc.h = h;
+      rms_norm_train(h, L.norm1, c.rms_norm_eps, lc.a1, lc.r1);
+      L.q.forward_train(lc.a1, lc.q);
+      L.k.forward_train(lc.a1, lc.k);
+      L.v.forward_train(lc.a1, lc.v);
+      rope(lc.q, c.num_attention_heads, tr.cos, tr.sin);
+      rope(lc.k, c.num_key_value_heads, tr.cos, tr.sin);
+      lc.p.resize(std::size_t(batch) * c.num_attention_heads);
+      causal_attention(lc.q, lc.k, lc.v, batch, T, 0, T, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                       attention_mask, lc.o, &lc.p);
+      L.o.forward_train(lc.o, y);
+      h += y;
+      lc.h_mid = h;
+      rms_norm_train(h, L.norm2, c.rms_norm_eps, lc.a2, lc.r2);
+      L.gate.forward_train(lc.a2, lc.gate);
+      L.up.forward_train(lc.a2, lc.up);
+      act = (silu(lc.gate).array() * lc.up.array()).matrix();
+      L.down.forward_train(act, y);
+      h += y;
+    }
+    tr.h = h;
+    rms_norm_train(h, norm_, c.rms_norm_eps, tr.a, tr.r);
+    Mat logits;
+    head_.forward_train(tr.a, logits);
+    tr.valid = true;
+    return logits;
+  }
+
+  void backward(const MatRef& dlogits) {
+    const LmConfig& c = config_;
+    Train& tr = train_;
+    if (!tr.valid) detail::fail("LlamaModel::backward: no forward_train to go back through (or it was used already)");
+    if (dlogits.rows() != tr.batch * tr.T || dlogits.cols() != c.vocab_size)
+      detail::fail("LlamaModel::backward: dlogits is ", detail::shape(dlogits.rows(), dlogits.cols()), ", expected ",
+                   detail::shape(tr.batch * tr.T, c.vocab_size));
+    if (!modules_.ready_for_backward())
+      detail::fail("LlamaModel::backward: a LoRA layer changed after forward_train (merge, set_adapter, set_lora_A, ...); "
+                   "run forward_train again");
+    tr.valid = false;
+    Mat da, dh = Mat::Zero(tr.h.rows(), tr.h.cols()), dx, dq, dk, dv, dgate, dup, dact;
+    head_.backward(dlogits, da);
+    rms_norm_backward(tr.h, norm_, tr.r, da, dh);
+    for (std::size_t l = layers_.size(); l-- > 0;) {
+      const Layer& L = layers_[l];
+      const LayerCache& lc = tr.layers[l];
+      // MLP half: h_out = h_mid + down(silu(gate) ⊙ up)
+      L.down.backward(dh, dact);
+      const Mat sg = silu(lc.gate);
+      const Mat sig = (Scalar(1) / (Scalar(1) + (-lc.gate.array()).exp())).matrix();
+      dgate = (dact.array() * lc.up.array() * sig.array() * (Scalar(1) + lc.gate.array() * (Scalar(1) - sig.array()))).matrix();
+      dup = (dact.array() * sg.array()).matrix();
+      L.gate.backward(dgate, da);
+      L.up.backward(dup, dx);
+      da += dx;
+      rms_norm_backward(lc.h_mid, L.norm2, lc.r2, da, dh);
+      // Attention half: h_mid = h + o_proj(attention(rope(q), rope(k), v))
+      L.o.backward(dh, dx);
+      causal_attention_backward(lc.q, lc.k, lc.v, lc.p, dx, tr.batch, tr.T, c.num_attention_heads, c.num_key_value_heads,
+                                c.head_dim, dq, dk, dv);
+      rope(dq, c.num_attention_heads, tr.cos, tr.sin, Scalar(-1));
+      rope(dk, c.num_key_value_heads, tr.cos, tr.sin, Scalar(-1));
+      L.q.backward(dq, da);
+      L.k.backward(dk, dx);
+      da += dx;
+      L.v.backward(dv, dx);
+      da += dx;
+      rms_norm_backward(lc.h, L.norm1, lc.r1, da, dh);
+    }
+  }
+
+  // An empty cache for batch sequences of up to capacity tokens each.
+  KvCache<Scalar> make_cache(Index batch, Index capacity) const {
+    return KvCache<Scalar>(batch, capacity, int(layers_.size()), Index(config_.num_key_value_heads) * config_.head_dim);
   }
 
  private:
@@ -123,35 +233,49 @@ class LlamaModel {
     Vec norm1, norm2;
     Projection<Scalar> q, k, v, o, gate, up, down;
   };
+  struct LayerCache {
+    Mat h, a1, q, k, v, o, h_mid, a2, gate, up;
+    Vec r1, r2;
+    std::vector<Mat> p;  // (T, T) per (sequence, head)
+  };
+  struct Train {
+    bool valid = false;
+    Index batch = 0, T = 0;
+    Mat cos, sin, h, a;
+    Vec r;
+    std::vector<LayerCache> layers;
+  };
 
-  // cos, sin (T, dh/2) of position t and frequency i.
-  void rope_tables(Index T, Mat& cos, Mat& sin) const {
-    const Index half = inv_freq_.size();
-    cos.resize(T, half);
-    sin.resize(T, half);
-    for (Index t = 0; t < T; ++t)
+  static Mat silu(const Mat& x) { return (x.array() / (Scalar(1) + (-x.array()).exp())).matrix(); }
+
+  // cos, sin (batch·T, dh/2) of each token's position and frequency i.
+  void rope_tables(const lora::Mat<std::int64_t>& pos, Mat& cos, Mat& sin) const {
+    const Index half = inv_freq_.size(), T = pos.cols();
+    cos.resize(pos.size(), half);
+    sin.resize(pos.size(), half);
+    for (Index r = 0; r < pos.size(); ++r)
       for (Index i = 0; i < half; ++i) {
         // transformers computes the angle in float32: position · inv_freq.
-        const float angle = float(t) * float(inv_freq_[i]);
-        cos(t, i) = Scalar(std::cos(angle));
-        sin(t, i) = Scalar(std::sin(angle));
+        const float angle = float(pos(r / T, r % T)) * float(inv_freq_[i]);
+        cos(r, i) = Scalar(std::cos(angle));
+        sin(r, i) = Scalar(std::sin(angle));
       }
   }
 
-  // x (batch·T, heads·dh): per head, (x₁, x₂) ← (x₁·cos − x₂·sin, x₂·cos + x₁·sin).
-  void rope(Mat& x, int heads, const Mat& cos, const Mat& sin, Index T) const {
+  // x (batch·T, heads·dh): per head, (x₁, x₂) ← (x₁·cos − x₂·sin, x₂·cos + x₁·sin); with
+  // sign −1 the inverse rotation, which is also the rotation's backward.
+  void rope(Mat& x, int heads, const Mat& cos, const Mat& sin, Scalar sign = Scalar(1)) const {
     const Index dh = config_.head_dim, half = dh / 2;
-    for (Index r = 0; r < x.rows(); ++r) {
-      const Index t = r % T;
+    for (Index r = 0; r < x.rows(); ++r)
       for (int h = 0; h < heads; ++h) {
         Scalar* p = x.row(r).data() + h * dh;
         for (Index i = 0; i < half; ++i) {
           const Scalar x1 = p[i], x2 = p[i + half];
-          p[i] = x1 * cos(t, i) - x2 * sin(t, i);
-          p[i + half] = x2 * cos(t, i) + x1 * sin(t, i);
+          const Scalar sn = sign * sin(r, i);
+          p[i] = x1 * cos(r, i) - x2 * sn;
+          p[i + half] = x2 * cos(r, i) + x1 * sn;
         }
       }
-    }
   }
 
   LmConfig config_;
@@ -161,6 +285,7 @@ class LlamaModel {
   Projection<Scalar> head_;
   Vec inv_freq_;
   ModuleMap<Scalar> modules_;
+  Train train_;
 };
 
 }  // namespace lora

@@ -5,9 +5,11 @@
 //                module path (registered in the model's ModuleMap under that path)
 //                  y = x·Wᵀ + b, or y = x·W + b for GPT-2's Conv1D (W stored (in, out))
 //   causal_attention   per sequence b and head h (kv head h / (heads / kv_heads)):
-//                  P = softmax(Q_bh·K_bkvᵀ/√dh, keys j > i and padded keys hidden), O_bh = P·V_bkv
-//                  q (batch·T, heads·dh), k, v (batch·T, kv_heads·dh) -> o (batch·T, heads·dh)
+//                  P = softmax(Q_bh·K_bkvᵀ/√dh, later keys and padded keys hidden), O_bh = P·V_bkv
+//                  q (batch·T, heads·dh), k, v (batch·S, kv_heads·dh) -> o (batch·T, heads·dh)
 //                  A query whose keys are all hidden gets a zero output.
+//   KvCache      the keys and values of tokens seen, for incremental decoding (S = past + T)
+//   token_positions   positions that skip pads, as transformers' generate counts them
 //   rms_norm     y = x / sqrt(mean(x²) + eps) ⊙ γ per row (Llama)
 //   layer_norm   y = (x − μ) / sqrt(var + eps) ⊙ γ + β per row, biased variance (GPT-2)
 #pragma once
@@ -72,6 +74,20 @@ struct Projection {
       y.noalias() = x * w.transpose();
     if (b.size()) y.rowwise() += b.transpose();
   }
+  // Training: a LoraLinear keeps what its backward needs; a frozen W needs nothing.
+  void forward_train(const MatRef<Scalar>& x, Mat<Scalar>& y) const {
+    if (lora) return lora->forward_train(x, y);
+    forward(x, y);
+  }
+  // dx = dy·W (dy·Wᵀ when stored (in, out)); a LoraLinear also accumulates its gradients.
+  void backward(const MatRef<Scalar>& dy, Mat<Scalar>& dx) const {
+    if (lora) return lora->backward(dy, dx);
+    dx.resize(dy.rows(), fan_in_fan_out ? w.rows() : w.cols());
+    if (fan_in_fan_out)
+      dx.noalias() = dy * w.transpose();
+    else
+      dx.noalias() = dy * w;
+  }
 };
 
 // The linear layer at module path `path` (tensors path.weight, path.bias): out × in, stored
@@ -96,22 +112,62 @@ Projection<Scalar> load_projection(const Checkpoint<Scalar>& ckpt, const std::st
   return p;
 }
 
+// Keys and values of the tokens a model has seen, per layer, for incremental decoding: a forward
+// with a cache computes only its new tokens and attends to the cached ones too. Made by the
+// model (make_cache); rows b·capacity + t hold token t of sequence b.
 template <class Scalar>
-void causal_attention(const Mat<Scalar>& q, const Mat<Scalar>& k, const Mat<Scalar>& v, Index batch, Index T, int heads,
-                      int kv_heads, Index dh, const Mat<std::int64_t>& mask, Mat<Scalar>& o) {
+struct KvCache {
+  Index batch = 0, capacity = 0, length = 0;  // length: tokens per sequence so far (pads included)
+  std::vector<Mat<Scalar>> k, v;              // per layer (batch·capacity, kv_heads·dh)
+  Mat<std::int64_t> mask;                     // (batch, capacity): 1 = a real token
+  std::vector<std::int64_t> real;             // real tokens per sequence so far
+
+  KvCache(Index batch_, Index capacity_, int layers, Index width) : batch(batch_), capacity(capacity_) {
+    if (batch < 1 || capacity < 1) detail::fail("KvCache: batch ", batch, " and capacity ", capacity, " must be >= 1");
+    k.assign(layers, Mat<Scalar>::Zero(batch * capacity, width));
+    v.assign(layers, Mat<Scalar>::Zero(batch * capacity, width));
+    mask = Mat<std::int64_t>::Zero(batch, capacity);
+    real.assign(batch, 0);
+  }
+};
+
+// The positions of new tokens, as transformers' generate counts them: token t of sequence b is
+// at the number of real tokens before it (cached ones included), so left padding does not shift
+// a prompt; a pad takes the next real token's position (its output is never used). Without
+// padding this is past, past + 1, ...
+inline Mat<std::int64_t> token_positions(Index batch, Index T, const Mat<std::int64_t>& mask, const std::vector<std::int64_t>* seen) {
+  Mat<std::int64_t> pos(batch, T);
+  for (Index b = 0; b < batch; ++b) {
+    std::int64_t n = seen ? (*seen)[b] : 0;
+    for (Index t = 0; t < T; ++t) {
+      pos(b, t) = n;
+      if (!mask.size() || mask(b, t) != 0) ++n;
+    }
+  }
+  return pos;
+}
+
+// q (batch·T, heads·dh) of the new tokens; K, V hold every sequence's keys and values at rows
+// b·stride + j, j < past + T (the new tokens' at past .. past + T − 1). Query i of sequence b
+// sees key j when j <= past + i and key_mask (batch, >= past + T; empty = all real) is nonzero.
+template <class Scalar>
+void causal_attention(const Mat<Scalar>& q, const Mat<Scalar>& K, const Mat<Scalar>& V, Index batch, Index T, Index past,
+                      Index stride, int heads, int kv_heads, Index dh, const Mat<std::int64_t>& key_mask, Mat<Scalar>& o,
+                      std::vector<Mat<Scalar>>* probs = nullptr) {
   const int group = heads / kv_heads;
+  const Index S = past + T;
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
   const Scalar hidden = -std::numeric_limits<Scalar>::infinity();
   o.resize(q.rows(), q.cols());
-  Mat<Scalar> s(T, T);
+  Mat<Scalar> s(T, S);
   for (Index b = 0; b < batch; ++b)
     for (int h = 0; h < heads; ++h) {
       const Index kv = h / group;
-      s.noalias() = q.block(b * T, h * dh, T, dh) * k.block(b * T, kv * dh, T, dh).transpose() * scale;
+      s.noalias() = q.block(b * T, h * dh, T, dh) * K.block(b * stride, kv * dh, S, dh).transpose() * scale;
       for (Index i = 0; i < T; ++i) {
         Scalar mx = hidden;
-        for (Index j = 0; j < T; ++j) {
-          if (j > i || (mask.size() && mask(b, j) == 0)) s(i, j) = hidden;
+        for (Index j = 0; j < S; ++j) {
+          if (j > past + i || (key_mask.size() && key_mask(b, j) == 0)) s(i, j) = hidden;
           mx = std::max(mx, s(i, j));
         }
         if (mx == hidden) {
@@ -121,8 +177,78 @@ void causal_attention(const Mat<Scalar>& q, const Mat<Scalar>& k, const Mat<Scal
         s.row(i) = (s.row(i).array() - mx).exp().matrix();
         s.row(i) /= s.row(i).sum();
       }
-      o.block(b * T, h * dh, T, dh).noalias() = s * v.block(b * T, kv * dh, T, dh);
+      o.block(b * T, h * dh, T, dh).noalias() = s * V.block(b * stride, kv * dh, S, dh);
+      if (probs) (*probs)[b * heads + h] = s;
     }
+}
+
+// Backward of causal_attention without a cache (past 0), from the probabilities it kept:
+//   dP = dO·Vᵀ   dV += Pᵀ·dO   dS = P ⊙ (dP − rowsum(dP ⊙ P))   dQ = dS·K/√dh   dK += dSᵀ·Q/√dh
+// (dK, dV of a kv head summed over the query heads that share it). A hidden key has P = 0 and
+// gets nothing.
+template <class Scalar>
+void causal_attention_backward(const Mat<Scalar>& q, const Mat<Scalar>& k, const Mat<Scalar>& v,
+                               const std::vector<Mat<Scalar>>& probs, const Mat<Scalar>& d_o, Index batch, Index T,
+                               int heads, int kv_heads, Index dh, Mat<Scalar>& dq, Mat<Scalar>& dk, Mat<Scalar>& dv) {
+  const int group = heads / kv_heads;
+  const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
+  dq.resize(q.rows(), q.cols());
+  dk = Mat<Scalar>::Zero(k.rows(), k.cols());
+  dv = Mat<Scalar>::Zero(v.rows(), v.cols());
+  Mat<Scalar> dp(T, T);
+  for (Index b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h) {
+      const Index kv = h / group;
+      const Mat<Scalar>& P = probs[b * heads + h];
+      const auto dO = d_o.block(b * T, h * dh, T, dh);
+      dp.noalias() = dO * v.block(b * T, kv * dh, T, dh).transpose();
+      dv.block(b * T, kv * dh, T, dh).noalias() += P.transpose() * dO;
+      for (Index i = 0; i < T; ++i) dp.row(i) = P.row(i).cwiseProduct((dp.row(i).array() - dp.row(i).dot(P.row(i))).matrix());
+      dq.block(b * T, h * dh, T, dh).noalias() = scale * dp * k.block(b * T, kv * dh, T, dh);
+      dk.block(b * T, kv * dh, T, dh).noalias() += scale * dp.transpose() * q.block(b * T, h * dh, T, dh);
+    }
+}
+
+// A forward's keys and values at layer l: the new tokens' k, v (batch·T, width) alone, or the
+// cache's with the new ones appended.
+template <class Scalar>
+struct AttentionInputs {
+  const Mat<Scalar>* K;
+  const Mat<Scalar>* V;
+  Index stride;
+};
+
+template <class Scalar>
+AttentionInputs<Scalar> keys_and_values(const Mat<Scalar>& k, const Mat<Scalar>& v, Index batch, Index T, KvCache<Scalar>* cache, int l) {
+  if (!cache) return {&k, &v, T};
+  for (Index b = 0; b < batch; ++b) {
+    cache->k[l].middleRows(b * cache->capacity + cache->length, T) = k.middleRows(b * T, T);
+    cache->v[l].middleRows(b * cache->capacity + cache->length, T) = v.middleRows(b * T, T);
+  }
+  return {&cache->k[l], &cache->v[l], cache->capacity};
+}
+
+// Checks a forward's cache against ids (batch, T) and, when valid, records the new tokens' mask;
+// returns the key mask to attend with. Everything is checked before the cache changes.
+template <class Scalar>
+Mat<std::int64_t> begin_cached_forward(const char* fn, KvCache<Scalar>* cache, const Mat<std::int64_t>& ids,
+                                       const Mat<std::int64_t>& mask, int layers) {
+  if (!cache) return mask;
+  if (cache->batch != ids.rows() || int(cache->k.size()) != layers)
+    detail::fail(fn, ": the cache holds ", cache->batch, " sequences of ", cache->k.size(), " layers; ids has ", ids.rows(),
+                 " sequences and the model ", layers, " layers");
+  if (cache->length + ids.cols() > cache->capacity)
+    detail::fail(fn, ": ", cache->length, " cached + ", ids.cols(), " new tokens exceed the cache's capacity ", cache->capacity);
+  cache->mask.middleCols(cache->length, ids.cols()) = mask.size() ? mask : Mat<std::int64_t>::Ones(ids.rows(), ids.cols());
+  return cache->mask;
+}
+
+// After the layers: the new tokens count as cached.
+template <class Scalar>
+void end_cached_forward(KvCache<Scalar>* cache, const Mat<std::int64_t>& ids, const Mat<std::int64_t>& mask) {
+  if (!cache) return;
+  for (Index b = 0; b < ids.rows(); ++b) cache->real[b] += mask.size() ? (mask.row(b).array() != 0).count() : ids.cols();
+  cache->length += ids.cols();
 }
 
 template <class Scalar>
@@ -131,6 +257,29 @@ void rms_norm(const Mat<Scalar>& x, const Vec<Scalar>& gamma, double eps, Mat<Sc
   for (Index i = 0; i < x.rows(); ++i) {
     const Scalar inv = Scalar(1) / std::sqrt(x.row(i).squaredNorm() / Scalar(x.cols()) + Scalar(eps));
     y.row(i) = (x.row(i) * inv).cwiseProduct(gamma.transpose());
+  }
+}
+
+// As rms_norm, keeping r = 1/sqrt(mean(x²) + eps) per row for the backward:
+//   dx = r·(γ ⊙ dy) − (r³/d)·x·Σ_j (γ ⊙ dy ⊙ x)_j     (γ frozen)
+template <class Scalar>
+void rms_norm_train(const Mat<Scalar>& x, const Vec<Scalar>& gamma, double eps, Mat<Scalar>& y, Vec<Scalar>& r) {
+  y.resize(x.rows(), x.cols());
+  r.resize(x.rows());
+  for (Index i = 0; i < x.rows(); ++i) {
+    r[i] = Scalar(1) / std::sqrt(x.row(i).squaredNorm() / Scalar(x.cols()) + Scalar(eps));
+    y.row(i) = (x.row(i) * r[i]).cwiseProduct(gamma.transpose());
+  }
+}
+
+// dx += the input gradient of rms_norm.
+template <class Scalar>
+void rms_norm_backward(const Mat<Scalar>& x, const Vec<Scalar>& gamma, const Vec<Scalar>& r, const Mat<Scalar>& dy, Mat<Scalar>& dx) {
+  const Scalar d = Scalar(x.cols());
+  for (Index i = 0; i < x.rows(); ++i) {
+    const auto g = dy.row(i).cwiseProduct(gamma.transpose());
+    const Scalar dot = g.dot(x.row(i));
+    dx.row(i) += r[i] * g - (r[i] * r[i] * r[i] / d * dot) * x.row(i);
   }
 }
 
@@ -144,18 +293,21 @@ void layer_norm(const Mat<Scalar>& x, const Vec<Scalar>& gamma, const Vec<Scalar
   }
 }
 
-// ids (batch, T) in [0, vocab), T <= max_positions; attention_mask empty or (batch, T).
-inline void check_token_ids(const char* fn, const Mat<std::int64_t>& ids, const Mat<std::int64_t>& mask, int vocab, int max_positions) {
+// ids (batch, T) in [0, vocab), past + T <= max_positions; attention_mask empty or (batch, T) of 0 and 1.
+inline void check_token_ids(const char* fn, const Mat<std::int64_t>& ids, const Mat<std::int64_t>& mask, int vocab,
+                            int max_positions, Index past = 0) {
   if (ids.rows() < 1 || ids.cols() < 1)
     detail::fail(fn, ": ids is ", detail::shape(ids.rows(), ids.cols()), ", expected (batch, T) with both >= 1");
-  if (ids.cols() > max_positions)
-    detail::fail(fn, ": sequences of ", ids.cols(), " tokens, longer than max_position_embeddings ", max_positions);
+  if (past + ids.cols() > max_positions)
+    detail::fail(fn, ": sequences of ", past + ids.cols(), " tokens, longer than max_position_embeddings ", max_positions);
   for (Index b = 0; b < ids.rows(); ++b)
     for (Index t = 0; t < ids.cols(); ++t)
       if (ids(b, t) < 0 || ids(b, t) >= vocab)
         detail::fail(fn, ": ids(", b, ", ", t, ") is ", ids(b, t), ", outside the vocabulary [0, ", vocab, ")");
   if (mask.size() && (mask.rows() != ids.rows() || mask.cols() != ids.cols()))
     detail::fail(fn, ": attention_mask is ", detail::shape(mask.rows(), mask.cols()), ", expected ", detail::shape(ids.rows(), ids.cols()));
+  if (mask.size() && !((mask.array() == 0) || (mask.array() == 1)).all())
+    detail::fail(fn, ": attention_mask holds values other than 0 and 1");
 }
 
 }  // namespace lora
