@@ -82,7 +82,7 @@ class Gpt2Model {
     check_token_ids("Gpt2Model::forward", ids, attention_mask, c.vocab_size, c.max_position_embeddings, past);
     const lora::Mat<std::int64_t> key_mask = begin_cached_forward("Gpt2Model::forward", cache, ids, attention_mask, int(layers_.size()));
     const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
-    Mat h(batch * T, d), a, qkv, q, k, v, o, y, f;
+    Mat h(batch * T, d), a, qkv, q, k, v, o, y, f, g;
     for (Index b = 0; b < batch; ++b)
       for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.row(ids(b, t)) + wpe_.row(pos(b, t));
     for (std::size_t l = 0; l < layers_.size(); ++l) {
@@ -98,9 +98,8 @@ class Gpt2Model {
       h += y;
       layer_norm(h, L.ln2_w, L.ln2_b, c.rms_norm_eps, a);
       L.c_fc.forward(a, f);
-      const Scalar k0 = Scalar(std::sqrt(2.0 / 3.14159265358979323846));
-      f = (Scalar(0.5) * f.array() * (Scalar(1) + (k0 * (f.array() + Scalar(0.044715) * f.array().cube())).tanh())).matrix();
-      L.mlp_proj.forward(f, y);
+      gelu_new(f, g);
+      L.mlp_proj.forward(g, y);
       h += y;
     }
     end_cached_forward(cache, ids, attention_mask);
@@ -108,6 +107,88 @@ class Gpt2Model {
     Mat logits(batch * T, c.vocab_size);
     logits.noalias() = a * wte_.transpose();
     return logits;
+  }
+
+  // ---- training ---------------------------------------------------------------------------
+  // forward_train keeps per layer the norms' xhat and 1/σ, q, k, v, P per (sequence, head), o and
+  // c_fc's output; backward(dlogits) goes through the tied head (da = dlogits·wte), ln_f and the
+  // layers in reverse:
+  //   MLP:   df = mlp.c_proj.backward(dh) ⊙ gelu_new'(f); da₂ = c_fc.backward(df); dh += ln₂⁻¹(da₂)
+  //          gelu_new'(x) = (1 + tanh u)/2 + x/2·(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)
+  //   attn:  do = attn.c_proj.backward(dh); dq, dk, dv = causal_attention_backward;
+  //          da₁ = c_attn.backward([dq dk dv]); dh += ln₁⁻¹(da₁)
+  // LoRA layers accumulate their gradients; frozen weights, norms and embeddings get none.
+  Mat forward_train(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {}) {
+    const LmConfig& c = config_;
+    const Index batch = ids.rows(), T = ids.cols(), d = c.hidden_size;
+    check_token_ids("Gpt2Model::forward_train", ids, attention_mask, c.vocab_size, c.max_position_embeddings);
+    Train& tr = train_;
+    tr.valid = false;
+    tr.batch = batch;
+    tr.T = T;
+    const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, nullptr);
+    Mat h(batch * T, d), a, qkv, y, g;
+    for (Index b = 0; b < batch; ++b)
+      for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.row(ids(b, t)) + wpe_.row(pos(b, t));
+    tr.layers.resize(layers_.size());
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      LayerCache& lc = tr.layers[l];
+      layer_norm_train(h, L.ln1_w, L.ln1_b, c.rms_norm_eps, a, lc.xhat1, lc.inv1);
+      L.c_attn.forward_train(a, qkv);
+      lc.q = qkv.leftCols(d);
+      lc.k = qkv.middleCols(d, d);
+      lc.v = qkv.rightCols(d);
+      lc.p.resize(std::size_t(batch) * c.num_attention_heads);
+      causal_attention(lc.q, lc.k, lc.v, batch, T, 0, T, c.num_attention_heads, c.num_attention_heads, c.head_dim,
+                       attention_mask, lc.o, &lc.p);
+      L.attn_proj.forward_train(lc.o, y);
+      h += y;
+      layer_norm_train(h, L.ln2_w, L.ln2_b, c.rms_norm_eps, a, lc.xhat2, lc.inv2);
+      L.c_fc.forward_train(a, lc.f);
+      gelu_new(lc.f, g);
+      L.mlp_proj.forward_train(g, y);
+      h += y;
+    }
+    layer_norm_train(h, lnf_w_, lnf_b_, c.rms_norm_eps, a, tr.xhat, tr.inv);
+    Mat logits(batch * T, c.vocab_size);
+    logits.noalias() = a * wte_.transpose();
+    tr.valid = true;
+    return logits;
+  }
+
+  void backward(const lora::MatRef<Scalar>& dlogits) {
+    const LmConfig& c = config_;
+    Train& tr = train_;
+    const Index d = c.hidden_size;
+    if (!tr.valid) detail::fail("Gpt2Model::backward: no forward_train to go back through (or it was used already)");
+    if (dlogits.rows() != tr.batch * tr.T || dlogits.cols() != c.vocab_size)
+      detail::fail("Gpt2Model::backward: dlogits is ", detail::shape(dlogits.rows(), dlogits.cols()), ", expected ",
+                   detail::shape(tr.batch * tr.T, c.vocab_size));
+    if (!modules_.ready_for_backward())
+      detail::fail("Gpt2Model::backward: a LoRA layer changed after forward_train (merge, set_adapter, set_lora_A, ...); "
+                   "run forward_train again");
+    tr.valid = false;
+    Mat da = dlogits * wte_, dh = Mat::Zero(da.rows(), d), dx, df, dq, dk, dv, dqkv(da.rows(), 3 * d);
+    layer_norm_backward(tr.xhat, tr.inv, lnf_w_, da, dh);
+    const Scalar k0 = Scalar(std::sqrt(2.0 / 3.14159265358979323846)), k1 = Scalar(0.044715);
+    for (std::size_t l = layers_.size(); l-- > 0;) {
+      const Layer& L = layers_[l];
+      const LayerCache& lc = tr.layers[l];
+      L.mlp_proj.backward(dh, df);
+      const auto x = lc.f.array();
+      const auto th = (k0 * (x + k1 * x.cube())).tanh();
+      df = (df.array() * (Scalar(0.5) * (Scalar(1) + th) + Scalar(0.5) * x * (Scalar(1) - th.square()) * k0 * (Scalar(1) + Scalar(3) * k1 * x.square())))
+               .matrix();
+      L.c_fc.backward(df, da);
+      layer_norm_backward(lc.xhat2, lc.inv2, L.ln2_w, da, dh);
+      L.attn_proj.backward(dh, dx);
+      causal_attention_backward(lc.q, lc.k, lc.v, lc.p, dx, tr.batch, tr.T, c.num_attention_heads, c.num_attention_heads,
+                                c.head_dim, dq, dk, dv);
+      dqkv << dq, dk, dv;
+      L.c_attn.backward(dqkv, da);
+      layer_norm_backward(lc.xhat1, lc.inv1, L.ln1_w, da, dh);
+    }
   }
 
   // An empty cache for batch sequences of up to capacity tokens each.
@@ -120,12 +201,31 @@ class Gpt2Model {
     Vec ln1_w, ln1_b, ln2_w, ln2_b;
     Projection<Scalar> c_attn, attn_proj, c_fc, mlp_proj;
   };
+  struct LayerCache {
+    Mat xhat1, xhat2, q, k, v, o, f;
+    Vec inv1, inv2;
+    std::vector<Mat> p;  // (T, T) per (sequence, head)
+  };
+  struct Train {
+    bool valid = false;
+    Index batch = 0, T = 0;
+    Mat xhat;
+    Vec inv;
+    std::vector<LayerCache> layers;
+  };
+
+  // gelu_new(x) = x/2·(1 + tanh(√(2/π)(x + 0.044715x³)))
+  static void gelu_new(const Mat& x, Mat& y) {
+    const Scalar k0 = Scalar(std::sqrt(2.0 / 3.14159265358979323846));
+    y = (Scalar(0.5) * x.array() * (Scalar(1) + (k0 * (x.array() + Scalar(0.044715) * x.array().cube())).tanh())).matrix();
+  }
 
   LmConfig config_;
   Mat wte_, wpe_;
   std::vector<Layer> layers_;
   Vec lnf_w_, lnf_b_;
   ModuleMap<Scalar> modules_;
+  Train train_;
 };
 
 }  // namespace lora

@@ -293,6 +293,32 @@ void layer_norm(const Mat<Scalar>& x, const Vec<Scalar>& gamma, const Vec<Scalar
   }
 }
 
+// As layer_norm, keeping xhat = (x − μ)/σ and 1/σ per row for the backward:
+//   dx = (g − mean(g) − xhat ⊙ mean(g ⊙ xhat)) / σ,  g = γ ⊙ dy     (γ, β frozen)
+template <class Scalar>
+void layer_norm_train(const Mat<Scalar>& x, const Vec<Scalar>& gamma, const Vec<Scalar>& beta, double eps, Mat<Scalar>& y,
+                      Mat<Scalar>& xhat, Vec<Scalar>& inv_sigma) {
+  xhat.resize(x.rows(), x.cols());
+  inv_sigma.resize(x.rows());
+  for (Index i = 0; i < x.rows(); ++i) {
+    const Scalar mean = x.row(i).mean();
+    inv_sigma[i] = Scalar(1) / std::sqrt((x.row(i).array() - mean).square().mean() + Scalar(eps));
+    xhat.row(i) = (x.row(i).array() - mean) * inv_sigma[i];
+  }
+  y = (xhat.array().rowwise() * gamma.transpose().array()).rowwise() + beta.transpose().array();
+}
+
+// dx += the input gradient of layer_norm.
+template <class Scalar>
+void layer_norm_backward(const Mat<Scalar>& xhat, const Vec<Scalar>& inv_sigma, const Vec<Scalar>& gamma, const Mat<Scalar>& dy,
+                         Mat<Scalar>& dx) {
+  for (Index i = 0; i < xhat.rows(); ++i) {
+    const auto g = dy.row(i).cwiseProduct(gamma.transpose());
+    const Scalar mg = g.mean(), mgx = g.dot(xhat.row(i)) / Scalar(xhat.cols());
+    dx.row(i) += inv_sigma[i] * ((g.array() - mg) - xhat.row(i).array() * mgx).matrix();
+  }
+}
+
 // ids (batch, T) in [0, vocab), past + T <= max_positions; attention_mask empty or (batch, T) of 0 and 1.
 inline void check_token_ids(const char* fn, const Mat<std::int64_t>& ids, const Mat<std::int64_t>& mask, int vocab,
                             int max_positions, Index past = 0) {
