@@ -4,6 +4,7 @@
 #include <lora/models/generate.hpp>
 #include <lora/models/gpt2.hpp>
 #include <lora/loss.hpp>
+#include <lora/optim.hpp>
 #include <lora/models/llama.hpp>
 #include <lora/peft.hpp>
 
@@ -185,6 +186,53 @@ TEST(Models, LlamaLoraGradientsMatchFiniteDifferences) {
 TEST(Models, Gpt2LoraGradientsMatchFiniteDifferences) {
   check_gradients<lora::Gpt2Model<double>>(kGpt2, {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_proj",
                                                    "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"});
+}
+
+// The merged model saved as a checkpoint loads as a plain model (no adapter) whose logits are
+// the adapter's (PEFT's, from io.safetensors), for both families.
+template <class Model>
+void check_save_merged(const std::string& dir, const std::string& name) {
+  const auto config = lora::PeftConfig::read(dir + "/adapter/adapter_config.json");
+  Model model(dir, &config);
+  lora::load_adapter(dir + "/adapter", model.modules());
+  model.modules().merge();
+  const std::string out = (fs::temp_directory_path() / ("lora_test_models_merged_" + name)).string();
+  fs::remove_all(out);
+  lora::save_checkpoint(dir, out, model.modules());
+  const auto io = lora::SafeTensors::open(dir + "/io.safetensors");
+  EXPECT_LE(relative_error(Model(out).forward(io.integers("input_ids")), io.matrix<double>("logits_adapter")), 1e-5);
+  EXPECT_EQ(lora::detail::read_text(out + "/config.json"), lora::detail::read_text(dir + "/config.json"));
+  EXPECT_LORA_ERROR(lora::save_checkpoint(dir, dir, model.modules()), "is the folder the model was read from");
+}
+
+TEST(Models, LlamaMergedCheckpointHasTheAdaptersLogits) { check_save_merged<lora::LlamaModel<double>>(kLlama, "llama"); }
+TEST(Models, Gpt2MergedCheckpointHasTheAdaptersLogits) { check_save_merged<lora::Gpt2Model<double>>(kGpt2, "gpt2"); }
+
+// Fine-tuning end to end: AdamW on the LoRA factors of every linear lowers the loss of a fixed
+// batch, and nothing but the LoRA factors changes (the base logits with adapters disabled stay).
+TEST(Models, AdamWStepsOnTheLoraFactorsLowerTheLoss) {
+  lora::PeftConfig config = lora::PeftConfig::read(kLlama + "/adapter/adapter_config.json");
+  lora::LlamaModel<double> model(kLlama, &config);
+  Ids ids(2, 8);
+  ids << 1, 5, 9, 13, 17, 21, 25, 29, 2, 4, 8, 16, 32, 63, 31, 15;
+  const auto io = lora::SafeTensors::open(kLlama + "/io.safetensors");
+  lora::AdamWOptions o;
+  o.lr = 1e-2;
+  o.weight_decay = 0;
+  lora::AdamW<double> opt(o);
+  opt.add(model.modules().parameters());
+  double first = 0, last = 0;
+  for (int step = 0; step < 20; ++step) {
+    model.modules().zero_grad();
+    const auto r = lora::causal_lm_loss<double>(model.forward_train(ids), ids);
+    model.backward(r.grad);
+    opt.step();
+    (step == 0 ? first : last) = r.loss;
+  }
+  EXPECT_LT(last, first - 0.5) << first << " -> " << last;
+  RecordProperty("loss", lora::detail::cat(first, " -> ", last));
+  model.modules().enable_adapters(false);
+  EXPECT_LE(relative_error(model.forward(io.integers("input_ids")), io.matrix<double>("logits_base")), 1e-6);
 }
 
 // Left padding with the padded keys hidden: rotary embeddings see only relative positions, so

@@ -10,10 +10,12 @@
 //                  A query whose keys are all hidden gets a zero output.
 //   KvCache      the keys and values of tokens seen, for incremental decoding (S = past + T)
 //   token_positions   positions that skip pads, as transformers' generate counts them
+//   save_checkpoint   a Hugging Face folder with the LoRA layers' current (merged) weights
 //   rms_norm     y = x / sqrt(mean(x²) + eps) ⊙ γ per row (Llama)
 //   layer_norm   y = (x − μ) / sqrt(var + eps) ⊙ γ + β per row, biased variance (GPT-2)
 #pragma once
 
+#include <lora/detail/files.hpp>
 #include <lora/error.hpp>
 #include <lora/linear.hpp>
 #include <lora/module_map.hpp>
@@ -23,6 +25,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -317,6 +320,35 @@ void layer_norm_backward(const Mat<Scalar>& xhat, const Vec<Scalar>& inv_sigma, 
     const Scalar mg = g.mean(), mgx = g.dot(xhat.row(i)) / Scalar(xhat.cols());
     dx.row(i) += inv_sigma[i] * ((g.array() - mg) - xhat.row(i).array() * mgx).matrix();
   }
+}
+
+// A Hugging Face checkpoint folder of a model loaded from dir: out_dir/config.json (dir's, byte
+// for byte) and out_dir/model.safetensors with dir's tensors in their dtypes, except that each
+// LoRA layer's module.weight is the layer's current weight (merge() first to save the merged
+// model, which transformers then loads without PEFT). Both files or neither are written.
+template <class Scalar>
+void save_checkpoint(const std::string& dir, const std::string& out_dir, const ModuleMap<Scalar>& modules) {
+  namespace fs = std::filesystem;
+  if (fs::weakly_canonical(dir) == fs::weakly_canonical(out_dir))
+    detail::fail("save_checkpoint: ", out_dir, " is the folder the model was read from; write elsewhere");
+  const SafeTensors st = SafeTensors::open((fs::path(dir) / "model.safetensors").string());
+  const std::string config = detail::read_text((fs::path(dir) / "config.json").string());
+  SafeTensorsBuilder b;
+  for (const auto& t : st.tensors()) {
+    const std::string module = t.name.size() > 7 ? t.name.substr(0, t.name.size() - 7) : "";
+    if (modules.contains(module) && t.name == module + ".weight") {
+      b.add(t.name, modules.at(module).weight(), t.dtype);
+    } else {
+      const std::uint8_t* p = st.bytes(t.name);
+      b.add_raw(t.name, t.dtype, t.shape, std::vector<std::uint8_t>(p, p + (t.end - t.begin)));
+    }
+  }
+  for (const auto& [k, v] : st.metadata()) b.metadata(k, v);
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) detail::fail("save_checkpoint: cannot create ", out_dir, ": ", ec.message());
+  detail::write_files_atomic({{(fs::path(out_dir) / "model.safetensors").string(), b.serialize()},
+                              {(fs::path(out_dir) / "config.json").string(), detail::FileBytes(config.begin(), config.end())}});
 }
 
 // ids (batch, T) in [0, vocab), past + T <= max_positions; attention_mask empty or (batch, T) of 0 and 1.
