@@ -14,6 +14,28 @@
 
 namespace lora {
 
+namespace detail {
+
+// st's tensors (and metadata) byte for byte, except module.weight of each layer in modules: that
+// layer's current weight (merged or not), in the file's dtype.
+template <class Scalar>
+SafeTensorsBuilder with_layer_weights(const SafeTensors& st, const ModuleMap<Scalar>& modules) {
+  SafeTensorsBuilder b;
+  for (const auto& t : st.tensors()) {
+    const std::string module = t.name.size() > 7 ? t.name.substr(0, t.name.size() - 7) : "";
+    if (modules.contains(module) && t.name == module + ".weight") {
+      b.add(t.name, modules.at(module).weight(), t.dtype);
+    } else {
+      const std::uint8_t* p = st.bytes(t.name);
+      b.add_raw(t.name, t.dtype, t.shape, std::vector<std::uint8_t>(p, p + (t.end - t.begin)));
+    }
+  }
+  for (const auto& [k, v] : st.metadata()) b.metadata(k, v);
+  return b;
+}
+
+}  // namespace detail
+
 // PEFT's LoraModel over a Hugging Face style state dict (model.safetensors): every 2-D float
 // tensor "<path>.weight" whose <path> the config targets becomes a LoraLinear (with
 // "<path>.bias" when present), so an adapter can be loaded, merged and exported without the
@@ -59,20 +81,7 @@ class LoraModel {
 
   // Writes the state dict with each LoRA layer's current weight (merged or not) in place of the
   // file's, in the file's dtype; every other tensor is copied byte for byte.
-  void save_weights(const std::string& path) const {
-    SafeTensorsBuilder b;
-    for (const auto& t : st_.tensors()) {
-      const std::string module = t.name.size() > 7 ? t.name.substr(0, t.name.size() - 7) : "";
-      if (modules_.contains(module) && t.name == module + ".weight") {
-        b.add(t.name, modules_.at(module).weight(), t.dtype);
-      } else {
-        const std::uint8_t* p = st_.bytes(t.name);
-        b.add_raw(t.name, t.dtype, t.shape, std::vector<std::uint8_t>(p, p + (t.end - t.begin)));
-      }
-    }
-    for (const auto& [k, v] : st_.metadata()) b.metadata(k, v);
-    b.save(path);
-  }
+  void save_weights(const std::string& path) const { detail::with_layer_weights(st_, modules_).save(path); }
 
  private:
   SafeTensors st_;

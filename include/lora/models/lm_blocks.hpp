@@ -18,6 +18,7 @@
 #include <lora/detail/files.hpp>
 #include <lora/error.hpp>
 #include <lora/linear.hpp>
+#include <lora/lora_model.hpp>
 #include <lora/module_map.hpp>
 #include <lora/peft_config.hpp>
 #include <lora/safetensors.hpp>
@@ -333,17 +334,7 @@ void save_checkpoint(const std::string& dir, const std::string& out_dir, const M
     detail::fail("save_checkpoint: ", out_dir, " is the folder the model was read from; write elsewhere");
   const SafeTensors st = SafeTensors::open((fs::path(dir) / "model.safetensors").string());
   const std::string config = detail::read_text((fs::path(dir) / "config.json").string());
-  SafeTensorsBuilder b;
-  for (const auto& t : st.tensors()) {
-    const std::string module = t.name.size() > 7 ? t.name.substr(0, t.name.size() - 7) : "";
-    if (modules.contains(module) && t.name == module + ".weight") {
-      b.add(t.name, modules.at(module).weight(), t.dtype);
-    } else {
-      const std::uint8_t* p = st.bytes(t.name);
-      b.add_raw(t.name, t.dtype, t.shape, std::vector<std::uint8_t>(p, p + (t.end - t.begin)));
-    }
-  }
-  for (const auto& [k, v] : st.metadata()) b.metadata(k, v);
+  const SafeTensorsBuilder b = detail::with_layer_weights(st, modules);
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) detail::fail("save_checkpoint: cannot create ", out_dir, ": ", ec.message());
