@@ -235,6 +235,45 @@ TEST(Models, AdamWStepsOnTheLoraFactorsLowerTheLoss) {
   EXPECT_LE(relative_error(model.forward(io.integers("input_ids")), io.matrix<double>("logits_base")), 1e-6);
 }
 
+// Loss and LoRA gradients against the real stack's (tests/data/models/gen_grad_fixtures.py:
+// transformers 5.17 + PEFT 0.21 in float64, right padding, -100 labels). GPT-2 is float64
+// throughout and matches to rounding. transformers' Llama computes RMSNorm and the attention
+// softmax in float32 even in a float64 model: grads.safetensors is that, grads_f64.safetensors has
+// them in float64; the rotary tables are float32 in both (and here), which bounds the agreement.
+template <class Model>
+void check_reference_gradients(const std::string& dir, const std::string& file, double loss_tol, double grad_tol) {
+  SCOPED_TRACE(dir + "/" + file);
+  const auto config = lora::PeftConfig::read(dir + "/adapter/adapter_config.json");
+  Model model(dir, &config);
+  lora::load_adapter(dir + "/adapter", model.modules());
+  const auto ref = lora::SafeTensors::open(dir + "/" + file);
+  model.modules().zero_grad();
+  const auto r = lora::causal_lm_loss<double>(model.forward_train(ref.integers("input_ids"), ref.integers("attention_mask")),
+                                              ref.integers("labels"));
+  model.backward(r.grad);
+  EXPECT_NEAR(r.loss, ref.matrix<double>("loss")(0, 0), loss_tol);
+  std::size_t n = 0;
+  for (const auto& [path, layer] : model.modules())
+    for (const bool b : {false, true}) {
+      const lora::Mat<double> want = ref.matrix<double>(path + (b ? ".lora_B" : ".lora_A"));
+      EXPECT_LE(relative_error(b ? layer->grad_B() : layer->grad_A(), want), grad_tol) << path << (b ? " B" : " A");
+      ++n;
+    }
+  EXPECT_EQ(n + 5, ref.tensors().size());  // every recorded gradient was compared
+}
+
+TEST(Models, Gpt2LoraGradientsMatchTransformersAndPeft) {
+  check_reference_gradients<lora::Gpt2Model<double>>(kGpt2, "grads.safetensors", 1e-13, 1e-12);
+}
+
+TEST(Models, LlamaLoraGradientsMatchTransformersAndPeft) {
+  const std::string gqa1 = data_path("models/tiny_llama_gqa1");  // 1 KV head, llama3 rope, tied, biases
+  check_reference_gradients<lora::LlamaModel<double>>(kLlama, "grads.safetensors", 1e-8, 5e-6);
+  check_reference_gradients<lora::LlamaModel<double>>(gqa1, "grads.safetensors", 1e-8, 5e-6);
+  check_reference_gradients<lora::LlamaModel<double>>(kLlama, "grads_f64.safetensors", 2e-9, 1e-6);
+  check_reference_gradients<lora::LlamaModel<double>>(gqa1, "grads_f64.safetensors", 2e-9, 1e-6);
+}
+
 // Left padding with the padded keys hidden: rotary embeddings see only relative positions, so
 // the real tokens' logits are those of the sequence alone (up to the float angles of the rotary
 // tables, computed as transformers does). Without the mask they would attend to the pads.
