@@ -12,6 +12,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
+
+#include <nlohmann/json.hpp>
 
 namespace fs = std::filesystem;
 using Ids = lora::Mat<std::int64_t>;
@@ -361,4 +364,166 @@ TEST(Models, Llama3RopeScalingFollowsTransformers) {
     }
     EXPECT_NEAR(f[i], want, 1e-6 * want) << i;
   }
+}
+
+namespace {
+
+// Central differences of causal_lm_loss against the gradient of every parameter the model lists
+// (padding, -100 labels, double): per tensor its largest-gradient entry and one other.
+template <class Model>
+void check_parameter_gradients(Model& model) {
+  Ids ids(2, 6), mask = Ids::Ones(2, 6);
+  ids << 0, 7, 3, 9, 17, 4, 5, 6, 7, 8, 9, 10;
+  mask(0, 0) = 0;
+  Ids labels = ids;
+  labels(0, 0) = labels(0, 1) = labels(1, 3) = -100;
+  auto loss = [&] { return lora::causal_lm_loss<double>(model.forward(ids, mask), labels).loss; };
+  model.zero_grad();
+  model.backward(lora::causal_lm_loss<double>(model.forward_train(ids, mask), labels).grad);
+  std::uint64_t seed = 3;
+  for (auto& p : model.parameters()) {
+    Eigen::Index bi = 0, bj = 0;
+    p.grad.cwiseAbs().maxCoeff(&bi, &bj);
+    EXPECT_GT(std::abs(p.grad(bi, bj)), 1e-6) << p.name << " has no gradient";
+    const Eigen::Index ri = Eigen::Index(seed * 7 % p.value.rows()), rj = Eigen::Index(seed * 13 % p.value.cols());
+    seed += 5;
+    for (const auto& [i, j] : {std::pair{bi, bj}, std::pair{ri, rj}}) {
+      const double h = 1e-5, orig = p.value(i, j);
+      p.value(i, j) = orig + h;
+      const double up = loss();
+      p.value(i, j) = orig - h;
+      const double down = loss();
+      p.value(i, j) = orig;
+      const double fd = (up - down) / (2 * h);
+      EXPECT_NEAR(p.grad(i, j), fd, 1e-7 + 1e-6 * std::abs(fd)) << p.name << "(" << i << ", " << j << ")";
+    }
+  }
+}
+
+std::set<std::string> parameter_names(std::vector<lora::Parameter<double>> params) {
+  std::set<std::string> names;
+  for (const auto& p : params) names.insert(p.name);
+  return names;
+}
+
+// Full fine-tuning trains exactly the checkpoint's tensors, each with the right gradient.
+template <class Model>
+void check_full_training(const std::string& dir) {
+  Model model(dir);
+  EXPECT_EQ(model.trainable_parameters(), 0);
+  model.set_base_trainable(true);
+  EXPECT_EQ(model.trainable_parameters(), model.base_parameters());
+  std::set<std::string> tensors;
+  const auto st = lora::SafeTensors::open(dir + "/model.safetensors");
+  for (const auto& t : st.tensors())
+    if (t.name != "lm_head.weight" || !model.config().tie_word_embeddings) tensors.insert(t.name);
+  EXPECT_EQ(parameter_names(model.parameters()), tensors);
+  check_parameter_gradients(model);
+}
+
+}  // namespace
+
+TEST(Models, LlamaFullTrainingGradientsMatchFiniteDifferences) { check_full_training<lora::LlamaModel<double>>(kLlama); }
+TEST(Models, Gpt2FullTrainingGradientsMatchFiniteDifferences) { check_full_training<lora::Gpt2Model<double>>(kGpt2); }
+
+// PEFT's modules_to_save beside LoRA: the named base modules train with the LoRA factors (a tied
+// head is the embedding), and a name that matches nothing is refused.
+TEST(Models, ModulesToSaveTrainBesideTheLoraFactors) {
+  const auto config = lora::PeftConfig::read(kLlama + "/adapter/adapter_config.json");
+  lora::LlamaModel<double> llama(kLlama, &config);
+  lora::load_adapter(kLlama + "/adapter", llama.modules());
+  llama.set_trainable({"lm_head", "model.norm", "layers.1.input_layernorm"});
+  std::set<std::string> want = parameter_names(llama.modules().parameters());
+  EXPECT_EQ(want.size(), 28u);
+  want.insert({"lm_head.weight", "model.norm.weight", "model.layers.1.input_layernorm.weight"});
+  EXPECT_EQ(parameter_names(llama.parameters()), want);
+  check_parameter_gradients(llama);
+  EXPECT_LORA_ERROR(llama.set_trainable({"norm", "wte"}), "no module is named 'wte'");
+  EXPECT_EQ(parameter_names(llama.parameters()), want);  // unchanged
+
+  const auto g_config = lora::PeftConfig::read(kGpt2 + "/adapter/adapter_config.json");
+  lora::Gpt2Model<double> gpt2(kGpt2, &g_config);
+  lora::load_adapter(kGpt2 + "/adapter", gpt2.modules());
+  gpt2.set_trainable({"lm_head", "ln_f"});
+  want = parameter_names(gpt2.modules().parameters());
+  want.insert({"transformer.wte.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"});
+  EXPECT_EQ(parameter_names(gpt2.parameters()), want);
+  check_parameter_gradients(gpt2);
+}
+
+// A new model from a config is reproducible from its seed, and save_pretrained writes a folder
+// that loads back to the same logits.
+template <class Model>
+void check_new_model(const std::string& dir, const std::string& name) {
+  const lora::LmConfig c = lora::LmConfig::from_json(lora::detail::read_text(dir + "/config.json"), name);
+  const Model a(c, 5), b(c, 5), other(c, 6);
+  Ids ids(1, 5);
+  ids << 1, 2, 3, 4, 5;
+  const lora::Mat<double> logits = a.forward(ids);
+  EXPECT_EQ(b.forward(ids), logits);
+  EXPECT_GT(relative_error(other.forward(ids), logits), 1e-3);
+  const std::string out = (fs::temp_directory_path() / ("lora_test_models_new_" + name)).string();
+  fs::remove_all(out);
+  a.save_pretrained(out);
+  EXPECT_EQ(Model(out).forward(ids), logits);
+  EXPECT_EQ(lora::detail::read_text(out + "/config.json"), lora::detail::read_text(dir + "/config.json"));
+}
+
+TEST(Models, LlamaNewModelSavesAndReloads) { check_new_model<lora::LlamaModel<double>>(kLlama, "llama"); }
+TEST(Models, Gpt2NewModelSavesAndReloads) { check_new_model<lora::Gpt2Model<double>>(kGpt2, "gpt2"); }
+
+// A checkpoint in two shards (model.safetensors.index.json) loads as the single file does, and
+// save_checkpoint keeps its shards; an index that disagrees with its shards is refused by name.
+TEST(Models, ShardedCheckpointsLoadAndSave) {
+  const auto st = lora::SafeTensors::open(kLlama + "/model.safetensors");
+  const fs::path dir = fs::temp_directory_path() / "lora_test_models_sharded";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy_file(kLlama + "/config.json", dir / "config.json");
+  lora::SafeTensorsBuilder shard[2];
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::json::object()}};
+  int k = 0;
+  for (const auto& t : st.tensors()) {
+    const int s = k++ % 2;
+    const std::uint8_t* p = st.bytes(t.name);
+    shard[s].add_raw(t.name, t.dtype, t.shape, std::vector<std::uint8_t>(p, p + (t.end - t.begin)));
+    index["weight_map"][t.name] = "model-0000" + std::to_string(s + 1) + "-of-00002.safetensors";
+  }
+  shard[0].save((dir / "model-00001-of-00002.safetensors").string());
+  shard[1].save((dir / "model-00002-of-00002.safetensors").string());
+  std::ofstream(dir / "model.safetensors.index.json") << index.dump(2);
+  Ids ids(1, 6);
+  ids << 3, 1, 4, 1, 5, 9;
+  const lora::Mat<double> want = lora::LlamaModel<double>(kLlama).forward(ids);
+  EXPECT_EQ(lora::LlamaModel<double>(dir.string()).forward(ids), want);
+
+  const auto config = lora::PeftConfig::read(kLlama + "/adapter/adapter_config.json");
+  lora::LlamaModel<double> tuned(dir.string(), &config);
+  lora::load_adapter(kLlama + "/adapter", tuned.modules());
+  const lora::Mat<double> adapted = tuned.forward(ids);
+  tuned.modules().merge();
+  const fs::path out = fs::temp_directory_path() / "lora_test_models_sharded_out";
+  fs::remove_all(out);
+  lora::save_checkpoint(dir.string(), out.string(), tuned.modules());
+  EXPECT_TRUE(fs::exists(out / "model-00002-of-00002.safetensors"));
+  EXPECT_FALSE(fs::exists(out / "model.safetensors"));
+  EXPECT_LE(relative_error(lora::LlamaModel<double>(out.string()).forward(ids), adapted), 1e-6);  // merged weights stored in F32
+
+  auto bad_index = [&](const std::string& tensor, const std::string& file) {
+    nlohmann::json j = index;
+    j["weight_map"][tensor] = file;
+    std::ofstream(dir / "model.safetensors.index.json") << j.dump(2);
+    return dir.string();
+  };
+  using Llama = lora::LlamaModel<double>;
+  EXPECT_LORA_ERROR(Llama(bad_index("model.norm.weight", index["weight_map"]["lm_head.weight"] == "model-00001-of-00002.safetensors"
+                                                              ? "model-00002-of-00002.safetensors"
+                                                              : "model-00001-of-00002.safetensors")),
+                    "weight_map puts 'model.norm.weight' in", "which does not hold it");
+  EXPECT_LORA_ERROR(Llama(bad_index("model.norm.weight", "../model.safetensors")), "not a file name in the folder");
+  EXPECT_LORA_ERROR(Llama(bad_index("model.norm.weight", "model-00003-of-00002.safetensors")), "model-00003-of-00002.safetensors");
+  nlohmann::json missing = index;
+  missing["weight_map"].erase("model.norm.weight");
+  std::ofstream(dir / "model.safetensors.index.json") << missing.dump(2);
+  EXPECT_LORA_ERROR(Llama(dir.string()), "holds 'model.norm.weight', which weight_map does not list");
 }

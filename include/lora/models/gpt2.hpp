@@ -16,12 +16,16 @@
 #include <lora/error.hpp>
 #include <lora/models/lm_blocks.hpp>
 #include <lora/models/lm_config.hpp>
+#include <lora/models/lm_trainable.hpp>
 #include <lora/module_map.hpp>
 #include <lora/peft_config.hpp>
 #include <lora/types.hpp>
 
 #include <cmath>
+#include <array>
 #include <cstdint>
+#include <random>
+#include <utility>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -29,46 +33,61 @@
 namespace lora {
 
 template <class Scalar>
-class Gpt2Model {
+class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
  public:
   using Mat = lora::Mat<Scalar>;
   using Vec = lora::Vec<Scalar>;
 
-  // Reads dir/config.json and dir/model.safetensors. With lora, every linear it targets becomes a
-  // LoraLinear with lora's r and alpha for that path (base supplies the other LoraConfig fields).
+  // Reads dir/config.json and dir/model.safetensors (or its shards). With lora, every linear it
+  // targets becomes a LoraLinear with lora's r and alpha for that path (base supplies the other
+  // LoraConfig fields).
   explicit Gpt2Model(const std::string& dir, const PeftConfig* lora = nullptr, LoraConfig base = {})
       : config_(LmConfig::read(dir)) {
-    const LmConfig& c = config_;
-    if (c.model_type != "gpt2") detail::fail("Gpt2Model: ", dir, ": model_type is \"", c.model_type, "\", expected \"gpt2\"");
-    if (!c.tie_word_embeddings) detail::fail("Gpt2Model: ", dir, ": tie_word_embeddings false is not supported");
-    if (lora && lora->targets("lm_head"))
-      detail::fail("Gpt2Model: ", dir, ": lm_head is tied to transformer.wte; it cannot take LoRA here");
-    const Checkpoint<Scalar> ckpt((std::filesystem::path(dir) / "model.safetensors").string());
-    const Index d = c.hidden_size, ff = c.intermediate_size;
-    auto projection = [&](const std::string& path, Index out, Index in) {
-      return load_projection(ckpt, path, out, in, true, true, lora, base, modules_);
-    };
-    wte_ = ckpt.matrix("transformer.wte.weight", c.vocab_size, d);
-    wpe_ = ckpt.matrix("transformer.wpe.weight", c.max_position_embeddings, d);
-    for (int i = 0; i < c.num_hidden_layers; ++i) {
-      const std::string p = "transformer.h." + std::to_string(i) + ".";
-      Layer L;
-      L.ln1_w = ckpt.vector(p + "ln_1.weight", d);
-      L.ln1_b = ckpt.vector(p + "ln_1.bias", d);
-      L.ln2_w = ckpt.vector(p + "ln_2.weight", d);
-      L.ln2_b = ckpt.vector(p + "ln_2.bias", d);
-      L.c_attn = projection(p + "attn.c_attn", 3 * d, d);
-      L.attn_proj = projection(p + "attn.c_proj", d, d);
-      L.c_fc = projection(p + "mlp.c_fc", ff, d);
-      L.mlp_proj = projection(p + "mlp.c_proj", d, ff);
-      layers_.push_back(std::move(L));
-    }
-    lnf_w_ = ckpt.vector("transformer.ln_f.weight", d);
-    lnf_b_ = ckpt.vector("transformer.ln_f.bias", d);
+    Checkpoint<Scalar> ckpt(dir);
+    build(ckpt, lora, base, dir);
+  }
+
+  // A new model of the given config, initialised as transformers does (normal(0, std) matrices,
+  // unit LayerNorm gains, zero biases) from the seed: for pre-training.
+  Gpt2Model(const LmConfig& config, std::uint64_t seed, double std = 0.02) : config_(config) {
+    RandomWeights<Scalar> random{std::mt19937_64(seed), std};
+    build(random, nullptr, {}, "config");
   }
 
   const LmConfig& config() const { return config_; }
   const ModuleMap<Scalar>& modules() const { return modules_; }
+
+  // ---- what trains: set_trainable, set_base_trainable, parameters, zero_grad (lm_trainable.hpp)
+  // Every parameter of the base model (the tied head counted once).
+  Index base_parameters() const {
+    Index n = wte_.w.size() + wpe_.w.size() + 2 * lnf_.gamma.size();
+    for (const Layer& L : layers_) {
+      n += 2 * (L.ln1.gamma.size() + L.ln2.gamma.size());
+      for (const auto& [name, proj] : Layer::projections(L)) n += proj->size();
+    }
+    return n;
+  }
+
+  // A Hugging Face checkpoint folder: out_dir/config.json (the text the config was read from) and
+  // out_dir/model.safetensors with every weight as it is now, in Scalar's dtype, Conv1D weights
+  // (in, out) (a LoRA layer's current weight: merge() first to save the merged model).
+  void save_pretrained(const std::string& out_dir) const {
+    SafeTensorsBuilder b;
+    b.add("transformer.wte.weight", wte_.w);
+    b.add("transformer.wpe.weight", wpe_.w);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      const std::string pre = "transformer.h." + std::to_string(l) + ".";
+      add_norm(b, pre + "ln_1", L.ln1);
+      add_norm(b, pre + "ln_2", L.ln2);
+      for (const auto& [name, proj] : Layer::projections(L)) {
+        b.add(pre + name + ".weight", proj->weight());
+        add_vector(b, pre + name + ".bias", proj->bias());
+      }
+    }
+    add_norm(b, "transformer.ln_f", lnf_);
+    save_pretrained_files(out_dir, config_.json, b);
+  }
 
   // ids (batch, T) -> logits (batch·T, vocab), row b·T + t for token t of sequence b.
   // attention_mask (batch, T), 1 = token, 0 = padding (hidden as a key); empty = no padding.
@@ -84,10 +103,10 @@ class Gpt2Model {
     const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
     Mat h(batch * T, d), a, qkv, q, k, v, o, y, f, g;
     for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.row(ids(b, t)) + wpe_.row(pos(b, t));
+      for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.w.row(ids(b, t)) + wpe_.w.row(pos(b, t));
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
-      layer_norm(h, L.ln1_w, L.ln1_b, c.rms_norm_eps, a);
+      layer_norm(h, L.ln1.gamma, L.ln1.beta, c.rms_norm_eps, a);
       L.c_attn.forward(a, qkv);
       q = qkv.leftCols(d);
       k = qkv.middleCols(d, d);
@@ -96,16 +115,16 @@ class Gpt2Model {
       causal_attention(q, *kv.K, *kv.V, batch, T, past, kv.stride, c.num_attention_heads, c.num_attention_heads, c.head_dim, key_mask, o);
       L.attn_proj.forward(o, y);
       h += y;
-      layer_norm(h, L.ln2_w, L.ln2_b, c.rms_norm_eps, a);
+      layer_norm(h, L.ln2.gamma, L.ln2.beta, c.rms_norm_eps, a);
       L.c_fc.forward(a, f);
       gelu_new(f, g);
       L.mlp_proj.forward(g, y);
       h += y;
     }
     end_cached_forward(cache, ids, attention_mask);
-    layer_norm(h, lnf_w_, lnf_b_, c.rms_norm_eps, a);
+    layer_norm(h, lnf_.gamma, lnf_.beta, c.rms_norm_eps, a);
     Mat logits(batch * T, c.vocab_size);
-    logits.noalias() = a * wte_.transpose();
+    logits.noalias() = a * wte_.w.transpose();
     return logits;
   }
 
@@ -117,7 +136,9 @@ class Gpt2Model {
   //          gelu_new'(x) = (1 + tanh u)/2 + x/2·(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)
   //   attn:  do = attn.c_proj.backward(dh); dq, dk, dv = causal_attention_backward;
   //          da₁ = c_attn.backward([dq dk dv]); dh += ln₁⁻¹(da₁)
-  // LoRA layers accumulate their gradients; frozen weights, norms and embeddings get none.
+  // LoRA layers accumulate their gradients; frozen weights, norms and embeddings get none unless
+  // they train (set_trainable): dγ, dβ of each LayerNorm, dW, db of each plain Conv1D,
+  // dwte += dlogitsᵀ·a (the tied head) and dh of each token at its id, dwpe the same at its position.
   Mat forward_train(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {}) {
     const LmConfig& c = config_;
     const Index batch = ids.rows(), T = ids.cols(), d = c.hidden_size;
@@ -126,15 +147,17 @@ class Gpt2Model {
     tr.valid = false;
     tr.batch = batch;
     tr.T = T;
-    const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, nullptr);
+    tr.ids = ids;
+    tr.pos = token_positions(batch, T, attention_mask, nullptr);
+    const lora::Mat<std::int64_t>& pos = tr.pos;
     Mat h(batch * T, d), a, qkv, y, g;
     for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.row(ids(b, t)) + wpe_.row(pos(b, t));
+      for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.w.row(ids(b, t)) + wpe_.w.row(pos(b, t));
     tr.layers.resize(layers_.size());
     for (std::size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& L = layers_[l];
+      Layer& L = layers_[l];
       LayerCache& lc = tr.layers[l];
-      layer_norm_train(h, L.ln1_w, L.ln1_b, c.rms_norm_eps, a, lc.xhat1, lc.inv1);
+      layer_norm_train(h, L.ln1.gamma, L.ln1.beta, c.rms_norm_eps, a, lc.xhat1, lc.inv1);
       L.c_attn.forward_train(a, qkv);
       lc.q = qkv.leftCols(d);
       lc.k = qkv.middleCols(d, d);
@@ -144,15 +167,15 @@ class Gpt2Model {
                        attention_mask, lc.o, &lc.p);
       L.attn_proj.forward_train(lc.o, y);
       h += y;
-      layer_norm_train(h, L.ln2_w, L.ln2_b, c.rms_norm_eps, a, lc.xhat2, lc.inv2);
+      layer_norm_train(h, L.ln2.gamma, L.ln2.beta, c.rms_norm_eps, a, lc.xhat2, lc.inv2);
       L.c_fc.forward_train(a, lc.f);
       gelu_new(lc.f, g);
       L.mlp_proj.forward_train(g, y);
       h += y;
     }
-    layer_norm_train(h, lnf_w_, lnf_b_, c.rms_norm_eps, a, tr.xhat, tr.inv);
+    layer_norm_train(h, lnf_.gamma, lnf_.beta, c.rms_norm_eps, tr.a, tr.xhat, tr.inv);
     Mat logits(batch * T, c.vocab_size);
-    logits.noalias() = a * wte_.transpose();
+    logits.noalias() = tr.a * wte_.w.transpose();
     tr.valid = true;
     return logits;
   }
@@ -169,11 +192,12 @@ class Gpt2Model {
       detail::fail("Gpt2Model::backward: a LoRA layer changed after forward_train (merge, set_adapter, set_lora_A, ...); "
                    "run forward_train again");
     tr.valid = false;
-    Mat da = dlogits * wte_, dh = Mat::Zero(da.rows(), d), dx, df, dq, dk, dv, dqkv(da.rows(), 3 * d);
-    layer_norm_backward(tr.xhat, tr.inv, lnf_w_, da, dh);
+    if (wte_.trainable) wte_.grad_w.noalias() += dlogits.transpose() * tr.a;
+    Mat da = dlogits * wte_.w, dh = Mat::Zero(da.rows(), d), dx, df, dq, dk, dv, dqkv(da.rows(), 3 * d);
+    layer_norm_backward(tr.xhat, tr.inv, lnf_, da, dh);
     const Scalar k0 = Scalar(std::sqrt(2.0 / 3.14159265358979323846)), k1 = Scalar(0.044715);
     for (std::size_t l = layers_.size(); l-- > 0;) {
-      const Layer& L = layers_[l];
+      Layer& L = layers_[l];
       const LayerCache& lc = tr.layers[l];
       L.mlp_proj.backward(dh, df);
       const auto x = lc.f.array();
@@ -181,13 +205,17 @@ class Gpt2Model {
       df = (df.array() * (Scalar(0.5) * (Scalar(1) + th) + Scalar(0.5) * x * (Scalar(1) - th.square()) * k0 * (Scalar(1) + Scalar(3) * k1 * x.square())))
                .matrix();
       L.c_fc.backward(df, da);
-      layer_norm_backward(lc.xhat2, lc.inv2, L.ln2_w, da, dh);
+      layer_norm_backward(lc.xhat2, lc.inv2, L.ln2, da, dh);
       L.attn_proj.backward(dh, dx);
       causal_attention_backward(lc.q, lc.k, lc.v, lc.p, dx, tr.batch, tr.T, c.num_attention_heads, c.num_attention_heads,
                                 c.head_dim, dq, dk, dv);
       dqkv << dq, dk, dv;
       L.c_attn.backward(dqkv, da);
-      layer_norm_backward(lc.xhat1, lc.inv1, L.ln1_w, da, dh);
+      layer_norm_backward(lc.xhat1, lc.inv1, L.ln1, da, dh);
+    }
+    for (Index i = 0; i < dh.rows(); ++i) {
+      if (wte_.trainable) wte_.grad_w.row(tr.ids(i / tr.T, i % tr.T)) += dh.row(i);
+      if (wpe_.trainable) wpe_.grad_w.row(tr.pos(i / tr.T, i % tr.T)) += dh.row(i);
     }
   }
 
@@ -198,9 +226,71 @@ class Gpt2Model {
 
  private:
   struct Layer {
-    Vec ln1_w, ln1_b, ln2_w, ln2_b;
+    NormWeights<Scalar> ln1, ln2;
     Projection<Scalar> c_attn, attn_proj, c_fc, mlp_proj;
+
+    // The projections with their paths in the layer (const or not as L is).
+    template <class L>
+    static auto projections(L& l) {
+      return std::array{std::pair{"attn.c_attn", &l.c_attn}, std::pair{"attn.c_proj", &l.attn_proj}, std::pair{"mlp.c_fc", &l.c_fc},
+                        std::pair{"mlp.c_proj", &l.mlp_proj}};
+    }
   };
+
+  friend class TrainableModules<Gpt2Model<Scalar>, Scalar>;
+  void discard_training() { train_.valid = false; }
+
+  // f(path, module) for every base module; the tied head is wte again, under "lm_head".
+  template <class Self, class F>
+  static void each_base_module(Self& self, F f) {
+    f(std::string("transformer.wte"), self.wte_);
+    f(std::string("transformer.wpe"), self.wpe_);
+    for (std::size_t l = 0; l < self.layers_.size(); ++l) {
+      auto& L = self.layers_[l];
+      const std::string pre = "transformer.h." + std::to_string(l) + ".";
+      f(pre + "ln_1", L.ln1);
+      f(pre + "ln_2", L.ln2);
+      for (auto [name, proj] : Layer::projections(L)) f(pre + name, *proj);
+    }
+    f(std::string("transformer.ln_f"), self.lnf_);
+    f(std::string("lm_head"), self.wte_);
+  }
+
+  static void add_norm(SafeTensorsBuilder& b, const std::string& path, const NormWeights<Scalar>& n) {
+    add_vector(b, path + ".weight", n.gamma);
+    add_vector(b, path + ".bias", n.beta);
+  }
+
+  // Reads every tensor from source (a Checkpoint or RandomWeights).
+  template <class Source>
+  void build(Source& src, const PeftConfig* lora, const LoraConfig& base, const std::string& label) {
+    const LmConfig& c = config_;
+    if (c.model_type != "gpt2") detail::fail("Gpt2Model: ", label, ": model_type is \"", c.model_type, "\", expected \"gpt2\"");
+    if (!c.tie_word_embeddings) detail::fail("Gpt2Model: ", label, ": tie_word_embeddings false is not supported");
+    if (lora && lora->targets("lm_head"))
+      detail::fail("Gpt2Model: ", label, ": lm_head is tied to transformer.wte; it cannot take LoRA here");
+    const Index d = c.hidden_size, ff = c.intermediate_size;
+    auto projection = [&](const std::string& path, Index out, Index in) {
+      return load_projection<Scalar>(src, path, out, in, true, true, lora, base, modules_);
+    };
+    wte_.w = src.matrix("transformer.wte.weight", c.vocab_size, d);
+    wpe_.w = src.matrix("transformer.wpe.weight", c.max_position_embeddings, d);
+    for (int i = 0; i < c.num_hidden_layers; ++i) {
+      const std::string p = "transformer.h." + std::to_string(i) + ".";
+      Layer L;
+      L.ln1.gamma = src.vector(p + "ln_1.weight", d);
+      L.ln1.beta = src.vector(p + "ln_1.bias", d);
+      L.ln2.gamma = src.vector(p + "ln_2.weight", d);
+      L.ln2.beta = src.vector(p + "ln_2.bias", d);
+      L.c_attn = projection(p + "attn.c_attn", 3 * d, d);
+      L.attn_proj = projection(p + "attn.c_proj", d, d);
+      L.c_fc = projection(p + "mlp.c_fc", ff, d);
+      L.mlp_proj = projection(p + "mlp.c_proj", d, ff);
+      layers_.push_back(std::move(L));
+    }
+    lnf_.gamma = src.vector("transformer.ln_f.weight", d);
+    lnf_.beta = src.vector("transformer.ln_f.bias", d);
+  }
   struct LayerCache {
     Mat xhat1, xhat2, q, k, v, o, f;
     Vec inv1, inv2;
@@ -209,7 +299,8 @@ class Gpt2Model {
   struct Train {
     bool valid = false;
     Index batch = 0, T = 0;
-    Mat xhat;
+    lora::Mat<std::int64_t> ids, pos;
+    Mat xhat, a;
     Vec inv;
     std::vector<LayerCache> layers;
   };
@@ -221,9 +312,9 @@ class Gpt2Model {
   }
 
   LmConfig config_;
-  Mat wte_, wpe_;
+  EmbeddingWeights<Scalar> wte_, wpe_;
   std::vector<Layer> layers_;
-  Vec lnf_w_, lnf_b_;
+  NormWeights<Scalar> lnf_;
   ModuleMap<Scalar> modules_;
   Train train_;
 };

@@ -21,15 +21,22 @@
 // merge and named adapters work on the model as on any ModuleMap.
 #pragma once
 
+#include <lora/detail/files.hpp>
 #include <lora/error.hpp>
 #include <lora/models/lm_blocks.hpp>
 #include <lora/models/lm_config.hpp>
+#include <lora/models/lm_trainable.hpp>
 #include <lora/module_map.hpp>
+#include <lora/parameter.hpp>
+#include <lora/safetensors.hpp>
 #include <lora/peft_config.hpp>
 #include <lora/types.hpp>
 
 #include <cmath>
+#include <array>
 #include <cstdint>
+#include <random>
+#include <utility>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -37,51 +44,66 @@
 namespace lora {
 
 template <class Scalar>
-class LlamaModel {
+class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
  public:
   using Mat = lora::Mat<Scalar>;
   using Vec = lora::Vec<Scalar>;
   using MatRef = lora::MatRef<Scalar>;
 
-  // Reads dir/config.json and dir/model.safetensors. With lora, every linear it targets becomes a
-  // LoraLinear with lora's r and alpha for that path (base supplies the other LoraConfig fields).
+  // Reads dir/config.json and dir/model.safetensors (or its shards). With lora, every linear it
+  // targets becomes a LoraLinear with lora's r and alpha for that path (base supplies the other
+  // LoraConfig fields).
   explicit LlamaModel(const std::string& dir, const PeftConfig* lora = nullptr, LoraConfig base = {})
       : config_(LmConfig::read(dir)) {
-    const LmConfig& c = config_;
-    if (c.model_type != "llama") detail::fail("LlamaModel: ", dir, ": model_type is \"", c.model_type, "\", expected \"llama\"");
-    const Checkpoint<Scalar> ckpt((std::filesystem::path(dir) / "model.safetensors").string());
-    auto projection = [&](const std::string& path, Index out, Index in, bool bias) {
-      return load_projection(ckpt, path, out, in, bias, false, lora, base, modules_);
-    };
-    embed_ = ckpt.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size);
-    for (int i = 0; i < c.num_hidden_layers; ++i) {
-      const std::string p = "model.layers." + std::to_string(i) + ".";
-      Layer L;
-      L.norm1 = ckpt.vector(p + "input_layernorm.weight", c.hidden_size);
-      L.norm2 = ckpt.vector(p + "post_attention_layernorm.weight", c.hidden_size);
-      const Index d = c.hidden_size, q_out = Index(c.num_attention_heads) * c.head_dim, kv_out = Index(c.num_key_value_heads) * c.head_dim;
-      L.q = projection(p + "self_attn.q_proj", q_out, d, c.attention_bias);
-      L.k = projection(p + "self_attn.k_proj", kv_out, d, c.attention_bias);
-      L.v = projection(p + "self_attn.v_proj", kv_out, d, c.attention_bias);
-      L.o = projection(p + "self_attn.o_proj", d, q_out, c.attention_bias);
-      L.gate = projection(p + "mlp.gate_proj", c.intermediate_size, d, c.mlp_bias);
-      L.up = projection(p + "mlp.up_proj", c.intermediate_size, d, c.mlp_bias);
-      L.down = projection(p + "mlp.down_proj", d, c.intermediate_size, c.mlp_bias);
-      layers_.push_back(std::move(L));
-    }
-    norm_ = ckpt.vector("model.norm.weight", c.hidden_size);
-    if (c.tie_word_embeddings) {
-      if (lora && lora->targets("lm_head"))
-        detail::fail("LlamaModel: ", dir, ": lm_head is tied to embed_tokens (tie_word_embeddings); it cannot take LoRA here");
-      head_.w = embed_;
-    } else {
-      head_ = projection("lm_head", c.vocab_size, c.hidden_size, false);
-    }
-    inv_freq_ = c.rope_inv_freq();
+    if (config_.model_type != "llama")
+      detail::fail("LlamaModel: ", dir, ": model_type is \"", config_.model_type, "\", expected \"llama\"");
+    Checkpoint<Scalar> ckpt(dir);
+    build(ckpt, lora, base);
+  }
+
+  // A new model of the given config, initialised as transformers does (normal(0, std) matrices,
+  // unit norm gains, zero biases) from the seed: for pre-training.
+  LlamaModel(const LmConfig& config, std::uint64_t seed, double std = 0.02) : config_(config) {
+    if (config_.model_type != "llama") detail::fail("LlamaModel: model_type is \"", config_.model_type, "\", expected \"llama\"");
+    RandomWeights<Scalar> random{std::mt19937_64(seed), std};
+    build(random, nullptr, {});
   }
 
   const LmConfig& config() const { return config_; }
   const ModuleMap<Scalar>& modules() const { return modules_; }
+
+  // ---- what trains: set_trainable, set_base_trainable, parameters, zero_grad (lm_trainable.hpp)
+  // Every parameter of the base model (a tied head counted once).
+  Index base_parameters() const {
+    Index n = embed_.w.size() + norm_.gamma.size() + (config_.tie_word_embeddings ? 0 : head_.size());
+    for (const Layer& L : layers_) {
+      n += L.norm1.gamma.size() + L.norm2.gamma.size();
+      for (const auto& [name, proj] : Layer::projections(L)) n += proj->size();
+    }
+    return n;
+  }
+
+  // A Hugging Face checkpoint folder: out_dir/config.json (the text the config was read from) and
+  // out_dir/model.safetensors with every weight as it is now, in Scalar's dtype (a LoRA layer's
+  // current weight: merge() first to save the merged model). Both files or neither.
+  void save_pretrained(const std::string& out_dir) const {
+    namespace fs = std::filesystem;
+    SafeTensorsBuilder b;
+    b.add("model.embed_tokens.weight", embed_.w);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      const std::string pre = "model.layers." + std::to_string(l) + ".";
+      add_vector(b, pre + "input_layernorm.weight", L.norm1.gamma);
+      add_vector(b, pre + "post_attention_layernorm.weight", L.norm2.gamma);
+      for (const auto& [name, proj] : Layer::projections(L)) {
+        b.add(pre + name + ".weight", proj->weight());
+        if (proj->bias().size()) add_vector(b, pre + name + ".bias", proj->bias());
+      }
+    }
+    add_vector(b, "model.norm.weight", norm_.gamma);
+    if (!config_.tie_word_embeddings) b.add("lm_head.weight", head_.weight());
+    save_pretrained_files(out_dir, config_.json, b);
+  }
 
   // ids (batch, T) -> logits (batch·T, vocab), row b·T + t for token t of sequence b.
   // attention_mask (batch, T), 1 = token, 0 = padding (hidden as a key); empty = no padding.
@@ -97,11 +119,11 @@ class LlamaModel {
     const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
     Mat h(batch * T, c.hidden_size), a, q, k, v, o, g, u, y, cos, sin;
     for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) h.row(b * T + t) = embed_.row(ids(b, t));
+      for (Index t = 0; t < T; ++t) h.row(b * T + t) = embed_.w.row(ids(b, t));
     rope_tables(pos, cos, sin);
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
-      rms_norm(h, L.norm1, c.rms_norm_eps, a);
+      rms_norm(h, L.norm1.gamma, c.rms_norm_eps, a);
       L.q.forward(a, q);
       L.k.forward(a, k);
       L.v.forward(a, v);
@@ -111,7 +133,7 @@ class LlamaModel {
       causal_attention(q, *kv.K, *kv.V, batch, T, past, kv.stride, c.num_attention_heads, c.num_key_value_heads, c.head_dim, key_mask, o);
       L.o.forward(o, y);
       h += y;
-      rms_norm(h, L.norm2, c.rms_norm_eps, a);
+      rms_norm(h, L.norm2.gamma, c.rms_norm_eps, a);
       L.gate.forward(a, g);
       L.up.forward(a, u);
       g = (silu(g).array() * u.array()).matrix();
@@ -119,9 +141,12 @@ class LlamaModel {
       h += y;
     }
     end_cached_forward(cache, ids, attention_mask);
-    rms_norm(h, norm_, c.rms_norm_eps, a);
+    rms_norm(h, norm_.gamma, c.rms_norm_eps, a);
     Mat logits;
-    head_.forward(a, logits);
+    if (c.tie_word_embeddings)
+      logits.noalias() = a * embed_.w.transpose();
+    else
+      head_.forward(a, logits);
     return logits;
   }
 
@@ -135,8 +160,10 @@ class LlamaModel {
   //          silu'(x) = σ(x)·(1 + x·(1 − σ(x)))
   //   attn:  do = o_proj.backward(dh); dq, dk, dv = causal_attention_backward;
   //          dq, dk ← rope⁻¹ (rotation by −angle); da₁ = q/k/v_proj.backward; dh += rms_backward(da₁)
-  // LoRA layers accumulate their gradients (zero_grad through modules()); frozen weights, norms
-  // and embeddings get none.
+  // LoRA layers accumulate their gradients (zero_grad()); frozen weights, norms and embeddings get
+  // none unless they train (set_trainable): then
+  //   dγ of each norm, dW, db of each plain projection, dE[id] += dh of each token, and a tied
+  //   head's dE += dlogitsᵀ·a.
   Mat forward_train(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {}) {
     const LmConfig& c = config_;
     const Index batch = ids.rows(), T = ids.cols();
@@ -145,16 +172,17 @@ class LlamaModel {
     tr.valid = false;
     tr.batch = batch;
     tr.T = T;
+    tr.ids = ids;
     rope_tables(token_positions(batch, T, attention_mask, nullptr), tr.cos, tr.sin);
     Mat h(batch * T, c.hidden_size), y, act;
     for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) h.row(b * T + t) = embed_.row(ids(b, t));
+      for (Index t = 0; t < T; ++t) h.row(b * T + t) = embed_.w.row(ids(b, t));
     tr.layers.resize(layers_.size());
     for (std::size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& L = layers_[l];
+      Layer& L = layers_[l];
       LayerCache& lc = tr.layers[l];
       lc.h = h;
-      rms_norm_train(h, L.norm1, c.rms_norm_eps, lc.a1, lc.r1);
+      rms_norm_train(h, L.norm1.gamma, c.rms_norm_eps, lc.a1, lc.r1);
       L.q.forward_train(lc.a1, lc.q);
       L.k.forward_train(lc.a1, lc.k);
       L.v.forward_train(lc.a1, lc.v);
@@ -166,7 +194,7 @@ class LlamaModel {
       L.o.forward_train(lc.o, y);
       h += y;
       lc.h_mid = h;
-      rms_norm_train(h, L.norm2, c.rms_norm_eps, lc.a2, lc.r2);
+      rms_norm_train(h, L.norm2.gamma, c.rms_norm_eps, lc.a2, lc.r2);
       L.gate.forward_train(lc.a2, lc.gate);
       L.up.forward_train(lc.a2, lc.up);
       act = (silu(lc.gate).array() * lc.up.array()).matrix();
@@ -174,9 +202,12 @@ class LlamaModel {
       h += y;
     }
     tr.h = h;
-    rms_norm_train(h, norm_, c.rms_norm_eps, tr.a, tr.r);
+    rms_norm_train(h, norm_.gamma, c.rms_norm_eps, tr.a, tr.r);
     Mat logits;
-    head_.forward_train(tr.a, logits);
+    if (c.tie_word_embeddings)
+      logits.noalias() = tr.a * embed_.w.transpose();
+    else
+      head_.forward_train(tr.a, logits);
     tr.valid = true;
     return logits;
   }
@@ -193,10 +224,15 @@ class LlamaModel {
                    "run forward_train again");
     tr.valid = false;
     Mat da, dh = Mat::Zero(tr.h.rows(), tr.h.cols()), dx, dq, dk, dv, dgate, dup, dact;
-    head_.backward(dlogits, da);
+    if (c.tie_word_embeddings) {
+      da.noalias() = dlogits * embed_.w;
+      if (embed_.trainable) embed_.grad_w.noalias() += dlogits.transpose() * tr.a;
+    } else {
+      head_.backward(dlogits, da);
+    }
     rms_norm_backward(tr.h, norm_, tr.r, da, dh);
     for (std::size_t l = layers_.size(); l-- > 0;) {
-      const Layer& L = layers_[l];
+      Layer& L = layers_[l];
       const LayerCache& lc = tr.layers[l];
       // MLP half: h_out = h_mid + down(silu(gate) ⊙ up)
       L.down.backward(dh, dact);
@@ -221,6 +257,8 @@ class LlamaModel {
       da += dx;
       rms_norm_backward(lc.h, L.norm1, lc.r1, da, dh);
     }
+    if (embed_.trainable)
+      for (Index i = 0; i < tr.ids.size(); ++i) embed_.grad_w.row(tr.ids(i / tr.T, i % tr.T)) += dh.row(i);
   }
 
   // An empty cache for batch sequences of up to capacity tokens each.
@@ -230,9 +268,72 @@ class LlamaModel {
 
  private:
   struct Layer {
-    Vec norm1, norm2;
+    NormWeights<Scalar> norm1, norm2;
     Projection<Scalar> q, k, v, o, gate, up, down;
+
+    // The projections with their paths in the layer (const or not as L is).
+    template <class L>
+    static auto projections(L& l) {
+      return std::array{std::pair{"self_attn.q_proj", &l.q}, std::pair{"self_attn.k_proj", &l.k}, std::pair{"self_attn.v_proj", &l.v},
+                        std::pair{"self_attn.o_proj", &l.o}, std::pair{"mlp.gate_proj", &l.gate}, std::pair{"mlp.up_proj", &l.up},
+                        std::pair{"mlp.down_proj", &l.down}};
+    }
   };
+
+  friend class TrainableModules<LlamaModel<Scalar>, Scalar>;
+  void discard_training() { train_.valid = false; }
+
+  // f(path, module) for every base module: embedding, norms, projections, head (the embedding
+  // again, under "lm_head", when tied). Self is LlamaModel or const LlamaModel.
+  template <class Self, class F>
+  static void each_base_module(Self& self, F f) {
+    f(std::string("model.embed_tokens"), self.embed_);
+    for (std::size_t l = 0; l < self.layers_.size(); ++l) {
+      auto& L = self.layers_[l];
+      const std::string pre = "model.layers." + std::to_string(l) + ".";
+      f(pre + "input_layernorm", L.norm1);
+      f(pre + "post_attention_layernorm", L.norm2);
+      for (auto [name, proj] : Layer::projections(L)) f(pre + name, *proj);
+    }
+    f(std::string("model.norm"), self.norm_);
+    if (self.config_.tie_word_embeddings)
+      f(std::string("lm_head"), self.embed_);
+    else
+      f(std::string("lm_head"), self.head_);
+  }
+
+  // Reads every tensor from source (a Checkpoint or RandomWeights).
+  template <class Source>
+  void build(Source& src, const PeftConfig* lora, const LoraConfig& base) {
+    const LmConfig& c = config_;
+    auto projection = [&](const std::string& path, Index out, Index in, bool bias) {
+      return load_projection<Scalar>(src, path, out, in, bias, false, lora, base, modules_);
+    };
+    embed_.w = src.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size);
+    const Index d = c.hidden_size, q_out = Index(c.num_attention_heads) * c.head_dim, kv_out = Index(c.num_key_value_heads) * c.head_dim;
+    for (int i = 0; i < c.num_hidden_layers; ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      Layer L;
+      L.norm1.gamma = src.vector(p + "input_layernorm.weight", d);
+      L.norm2.gamma = src.vector(p + "post_attention_layernorm.weight", d);
+      L.q = projection(p + "self_attn.q_proj", q_out, d, c.attention_bias);
+      L.k = projection(p + "self_attn.k_proj", kv_out, d, c.attention_bias);
+      L.v = projection(p + "self_attn.v_proj", kv_out, d, c.attention_bias);
+      L.o = projection(p + "self_attn.o_proj", d, q_out, c.attention_bias);
+      L.gate = projection(p + "mlp.gate_proj", c.intermediate_size, d, c.mlp_bias);
+      L.up = projection(p + "mlp.up_proj", c.intermediate_size, d, c.mlp_bias);
+      L.down = projection(p + "mlp.down_proj", d, c.intermediate_size, c.mlp_bias);
+      layers_.push_back(std::move(L));
+    }
+    norm_.gamma = src.vector("model.norm.weight", d);
+    if (c.tie_word_embeddings) {
+      if (lora && lora->targets("lm_head"))
+        detail::fail("LlamaModel: lm_head is tied to embed_tokens (tie_word_embeddings); it cannot take LoRA here");
+    } else {
+      head_ = projection("lm_head", c.vocab_size, d, false);
+    }
+    inv_freq_ = c.rope_inv_freq();
+  }
   struct LayerCache {
     Mat h, a1, q, k, v, o, h_mid, a2, gate, up;
     Vec r1, r2;
@@ -241,6 +342,7 @@ class LlamaModel {
   struct Train {
     bool valid = false;
     Index batch = 0, T = 0;
+    lora::Mat<std::int64_t> ids;
     Mat cos, sin, h, a;
     Vec r;
     std::vector<LayerCache> layers;
@@ -279,10 +381,10 @@ class LlamaModel {
   }
 
   LmConfig config_;
-  Mat embed_;
+  EmbeddingWeights<Scalar> embed_;
   std::vector<Layer> layers_;
-  Vec norm_;
-  Projection<Scalar> head_;
+  NormWeights<Scalar> norm_;
+  Projection<Scalar> head_;  // unused when tied: the head is embed_
   Vec inv_freq_;
   ModuleMap<Scalar> modules_;
   Train train_;

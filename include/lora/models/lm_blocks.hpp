@@ -1,8 +1,10 @@
-// What the causal language models (llama.hpp, gpt2.hpp) are built from, forward only here:
+// What the causal language models (llama.hpp, gpt2.hpp) are built from:
 //
-//   Checkpoint   model.safetensors, each tensor checked against the shape config.json implies
+//   Checkpoint   model.safetensors or its shards (model.safetensors.index.json), each tensor
+//                checked against the shape config.json implies; RandomWeights: a new model's
 //   Projection   a linear layer: frozen W (and b), or a LoraLinear when a PeftConfig targets its
-//                module path (registered in the model's ModuleMap under that path)
+//                module path (registered in the model's ModuleMap under that path); W and b
+//                train when asked (full fine-tuning, modules_to_save)
 //                  y = x·Wᵀ + b, or y = x·W + b for GPT-2's Conv1D (W stored (in, out))
 //   causal_attention   per sequence b and head h (kv head h / (heads / kv_heads)):
 //                  P = softmax(Q_bh·K_bkvᵀ/√dh, later keys and padded keys hidden), O_bh = P·V_bkv
@@ -16,89 +18,204 @@
 #pragma once
 
 #include <lora/detail/files.hpp>
+#include <lora/detail/json.hpp>
 #include <lora/error.hpp>
 #include <lora/linear.hpp>
 #include <lora/lora_model.hpp>
+#include <lora/models/lm_trainable.hpp>
 #include <lora/module_map.hpp>
+#include <lora/parameter.hpp>
 #include <lora/peft_config.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/types.hpp>
+
+#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
 namespace lora {
 
+// A checkpoint folder's tensors: dir/model.safetensors, or the shards that
+// dir/model.safetensors.index.json's weight_map names (each tensor in the shard the map gives, every
+// tensor of a shard in the map). Each tensor is checked against the shape config.json implies.
 template <class Scalar>
 class Checkpoint {
  public:
-  explicit Checkpoint(const std::string& path) : st_(SafeTensors::open(path)) {}
+  explicit Checkpoint(const std::string& dir) : dir_(dir) {
+    namespace fs = std::filesystem;
+    const fs::path single = fs::path(dir) / "model.safetensors", index = fs::path(dir) / "model.safetensors.index.json";
+    if (fs::exists(single) || !fs::exists(index)) {
+      shards_.push_back(SafeTensors::open(single.string()));
+      files_.push_back("model.safetensors");
+      return;
+    }
+    const std::string label = index.string();
+    index_text_ = detail::read_text(label);
+    nlohmann::json j;
+    try {
+      j = detail::parse_json<nlohmann::json>(index_text_.data(), index_text_.data() + index_text_.size());
+    } catch (const nlohmann::json::exception& e) {
+      detail::fail(label, ": not valid JSON: ", e.what());
+    }
+    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+      detail::fail(label, ": expected an object with a weight_map object");
+    for (const auto& [name, file] : j["weight_map"].items()) {
+      if (!file.is_string()) detail::fail(label, ": weight_map[\"", name, "\"] is ", file.dump(), ", expected a file name");
+      const std::string f = file.template get<std::string>();
+      if (f.empty() || f.find('/') != std::string::npos || f.find('\\') != std::string::npos || f == "." || f == "..")
+        detail::fail(label, ": weight_map[\"", name, "\"] is \"", f, "\", not a file name in the folder");
+      std::size_t k = 0;
+      while (k < files_.size() && files_[k] != f) ++k;
+      if (k == files_.size()) {
+        files_.push_back(f);
+        shards_.push_back(SafeTensors::open((fs::path(dir) / f).string()));
+      }
+      if (!shards_[k].contains(name)) detail::fail(label, ": weight_map puts '", name, "' in ", f, ", which does not hold it");
+      where_[name] = k;
+    }
+    if (shards_.empty()) detail::fail(label, ": weight_map is empty");
+    for (std::size_t k = 0; k < shards_.size(); ++k)
+      for (const auto& t : shards_[k].tensors()) {
+        const auto w = where_.find(t.name);
+        if (w == where_.end() || w->second != k)
+          detail::fail(label, ": ", files_[k], " holds '", t.name, "', which weight_map ",
+                       w == where_.end() ? std::string("does not list") : "puts in " + files_[w->second]);
+      }
+  }
 
   Mat<Scalar> matrix(const std::string& name, Index rows, Index cols) const {
-    check(name, {std::uint64_t(rows), std::uint64_t(cols)});
-    return st_.matrix<Scalar>(name);
+    return find(name, {std::uint64_t(rows), std::uint64_t(cols)}).template matrix<Scalar>(name);
   }
-  Vec<Scalar> vector(const std::string& name, Index n) const {
-    check(name, {std::uint64_t(n)});
-    return st_.vector<Scalar>(name);
-  }
-  const SafeTensors& file() const { return st_; }
+  Vec<Scalar> vector(const std::string& name, Index n) const { return find(name, {std::uint64_t(n)}).template vector<Scalar>(name); }
+
+  // The files (one, or the shards in weight_map's order), and the index's text ("" for one file).
+  const std::vector<SafeTensors>& shards() const { return shards_; }
+  const std::vector<std::string>& files() const { return files_; }
+  const std::string& index_text() const { return index_text_; }
 
  private:
-  void check(const std::string& name, const std::vector<std::uint64_t>& shape) const {
-    if (!st_.contains(name)) detail::fail(st_.source(), ": tensor '", name, "' is missing");
-    const TensorInfo& t = st_.info(name);
+  const SafeTensors& find(const std::string& name, const std::vector<std::uint64_t>& shape) const {
+    const SafeTensors* st = &shards_[0];
+    if (!index_text_.empty()) {
+      const auto w = where_.find(name);
+      if (w == where_.end()) detail::fail(dir_, ": tensor '", name, "' is missing (model.safetensors.index.json does not list it)");
+      st = &shards_[w->second];
+    }
+    if (!st->contains(name)) detail::fail(st->source(), ": tensor '", name, "' is missing");
+    const TensorInfo& t = st->info(name);
     if (t.shape != shape)
-      detail::fail(st_.source(), ": tensor '", name, "' is ", shape_string(t.shape), ", config.json implies ", shape_string(shape));
-    if (!detail::is_float_dtype(t.dtype)) detail::fail(st_.source(), ": tensor '", name, "' has dtype ", dtype_name(t.dtype));
+      detail::fail(st->source(), ": tensor '", name, "' is ", shape_string(t.shape), ", config.json implies ", shape_string(shape));
+    if (!detail::is_float_dtype(t.dtype)) detail::fail(st->source(), ": tensor '", name, "' has dtype ", dtype_name(t.dtype));
+    return *st;
   }
 
-  SafeTensors st_;
+  std::string dir_, index_text_;
+  std::vector<SafeTensors> shards_;
+  std::vector<std::string> files_;
+  std::map<std::string, std::size_t> where_;
 };
 
+// A linear layer: frozen W (and b), or a LoraLinear when a PeftConfig targets its module path.
+// Trained base (set_trainable, for full fine-tuning and PEFT's modules_to_save): W and b get
+// gradients too, dW += dyᵀ·x (xᵀ·dy stored (in, out)), db += Σ_rows dy.
 template <class Scalar>
 struct Projection {
   std::unique_ptr<LoraLinear<Scalar>> lora;
   Mat<Scalar> w;  // (out, in), or (in, out) with fan_in_fan_out; empty when lora is set
   Vec<Scalar> b;
   bool fan_in_fan_out = false;
+  bool trainable = false;  // a plain layer's W and b train
+  Mat<Scalar> grad_w, x;   // x: forward_train's input, kept while trainable
+  Vec<Scalar> grad_b;
 
-  void forward(const MatRef<Scalar>& x, Mat<Scalar>& y) const {
-    if (lora) return lora->forward(x, y);
-    y.resize(x.rows(), fan_in_fan_out ? w.cols() : w.rows());
+  void forward(const MatRef<Scalar>& in, Mat<Scalar>& y) const {
+    if (lora) return lora->forward(in, y);
+    y.resize(in.rows(), fan_in_fan_out ? w.cols() : w.rows());
     if (fan_in_fan_out)
-      y.noalias() = x * w;
+      y.noalias() = in * w;
     else
-      y.noalias() = x * w.transpose();
+      y.noalias() = in * w.transpose();
     if (b.size()) y.rowwise() += b.transpose();
   }
   // Training: a LoraLinear keeps what its backward needs; a frozen W needs nothing.
-  void forward_train(const MatRef<Scalar>& x, Mat<Scalar>& y) const {
-    if (lora) return lora->forward_train(x, y);
-    forward(x, y);
+  void forward_train(const MatRef<Scalar>& in, Mat<Scalar>& y) {
+    if (lora) return lora->forward_train(in, y);
+    if (trainable) x = in;
+    forward(in, y);
   }
   // dx = dy·W (dy·Wᵀ when stored (in, out)); a LoraLinear also accumulates its gradients.
-  void backward(const MatRef<Scalar>& dy, Mat<Scalar>& dx) const {
+  void backward(const MatRef<Scalar>& dy, Mat<Scalar>& dx) {
     if (lora) return lora->backward(dy, dx);
+    if (trainable) {
+      if (fan_in_fan_out)
+        grad_w.noalias() += x.transpose() * dy;
+      else
+        grad_w.noalias() += dy.transpose() * x;
+      if (b.size()) grad_b += dy.colwise().sum().transpose();
+    }
     dx.resize(dy.rows(), fan_in_fan_out ? w.rows() : w.cols());
     if (fan_in_fan_out)
       dx.noalias() = dy * w.transpose();
     else
       dx.noalias() = dy * w;
   }
+
+  void set_trainable(bool on) {
+    if (lora) return lora->set_base_trainable(on);
+    trainable = on;
+    grad_w = on ? Mat<Scalar>::Zero(w.rows(), w.cols()) : Mat<Scalar>();
+    grad_b = on ? Vec<Scalar>::Zero(b.size()) : Vec<Scalar>();
+    x.resize(0, 0);
+  }
+  // A plain trained layer's tensors (a LoraLinear's are in the model's ModuleMap).
+  void parameters(const std::string& path, std::vector<Parameter<Scalar>>& out) {
+    if (lora || !trainable) return;
+    out.push_back(make_parameter(path + ".weight", w, grad_w));
+    if (b.size()) out.push_back(make_parameter(path + ".bias", b, grad_b));
+  }
+  void zero_grad() {
+    grad_w.setZero();
+    grad_b.setZero();
+  }
+  Index size() const { return lora ? lora->base_parameters() : w.size() + b.size(); }
+  Index trained() const { return !lora && trainable ? w.size() + b.size() : 0; }  // a LoraLinear's: in its ModuleMap
+  ConstMatMap<Scalar> weight() const { return lora ? lora->weight() : ConstMatMap<Scalar>(w.data(), w.rows(), w.cols()); }
+  const Vec<Scalar>& bias() const { return lora ? lora->bias() : b; }
+};
+
+// A new model's weights, as transformers initialises them: matrices normal(0, std), norm gains
+// one, biases zero; reproducible from the seed.
+template <class Scalar>
+struct RandomWeights {
+  std::mt19937_64 gen;
+  double std = 0.02;
+
+  Mat<Scalar> matrix(const std::string&, Index rows, Index cols) {
+    std::normal_distribution<double> normal(0.0, std);
+    Mat<Scalar> m(rows, cols);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = Scalar(normal(gen));
+    return m;
+  }
+  Vec<Scalar> vector(const std::string& name, Index n) {
+    const bool bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+    return bias ? Vec<Scalar>::Zero(n) : Vec<Scalar>::Ones(n);
+  }
 };
 
 // The linear layer at module path `path` (tensors path.weight, path.bias): out × in, stored
 // (in, out) when fan_in_fan_out. A LoraLinear when lora targets path (r, alpha, ... for path from
 // lora; the rest from base), added to modules.
-template <class Scalar>
-Projection<Scalar> load_projection(const Checkpoint<Scalar>& ckpt, const std::string& path, Index out, Index in, bool bias,
+template <class Scalar, class Source>
+Projection<Scalar> load_projection(Source& ckpt, const std::string& path, Index out, Index in, bool bias,
                                    bool fan_in_fan_out, const PeftConfig* lora, LoraConfig base, ModuleMap<Scalar>& modules) {
   Projection<Scalar> p;
   p.fan_in_fan_out = fan_in_fan_out;
@@ -265,7 +382,7 @@ void rms_norm(const Mat<Scalar>& x, const Vec<Scalar>& gamma, double eps, Mat<Sc
 }
 
 // As rms_norm, keeping r = 1/sqrt(mean(x²) + eps) per row for the backward:
-//   dx = r·(γ ⊙ dy) − (r³/d)·x·Σ_j (γ ⊙ dy ⊙ x)_j     (γ frozen)
+//   dx = r·(γ ⊙ dy) − (r³/d)·x·Σ_j (γ ⊙ dy ⊙ x)_j
 template <class Scalar>
 void rms_norm_train(const Mat<Scalar>& x, const Vec<Scalar>& gamma, double eps, Mat<Scalar>& y, Vec<Scalar>& r) {
   y.resize(x.rows(), x.cols());
@@ -276,10 +393,13 @@ void rms_norm_train(const Mat<Scalar>& x, const Vec<Scalar>& gamma, double eps, 
   }
 }
 
-// dx += the input gradient of rms_norm.
+// dx += the input gradient of rms_norm; a trained γ gets dγ += Σ_rows dy ⊙ x·r.
 template <class Scalar>
-void rms_norm_backward(const Mat<Scalar>& x, const Vec<Scalar>& gamma, const Vec<Scalar>& r, const Mat<Scalar>& dy, Mat<Scalar>& dx) {
+void rms_norm_backward(const Mat<Scalar>& x, NormWeights<Scalar>& norm, const Vec<Scalar>& r, const Mat<Scalar>& dy, Mat<Scalar>& dx) {
+  const Vec<Scalar>& gamma = norm.gamma;
   const Scalar d = Scalar(x.cols());
+  if (norm.trainable)
+    for (Index i = 0; i < x.rows(); ++i) norm.grad_gamma += (dy.row(i).cwiseProduct(x.row(i)) * r[i]).transpose();
   for (Index i = 0; i < x.rows(); ++i) {
     const auto g = dy.row(i).cwiseProduct(gamma.transpose());
     const Scalar dot = g.dot(x.row(i));
@@ -298,7 +418,7 @@ void layer_norm(const Mat<Scalar>& x, const Vec<Scalar>& gamma, const Vec<Scalar
 }
 
 // As layer_norm, keeping xhat = (x − μ)/σ and 1/σ per row for the backward:
-//   dx = (g − mean(g) − xhat ⊙ mean(g ⊙ xhat)) / σ,  g = γ ⊙ dy     (γ, β frozen)
+//   dx = (g − mean(g) − xhat ⊙ mean(g ⊙ xhat)) / σ,  g = γ ⊙ dy
 template <class Scalar>
 void layer_norm_train(const Mat<Scalar>& x, const Vec<Scalar>& gamma, const Vec<Scalar>& beta, double eps, Mat<Scalar>& y,
                       Mat<Scalar>& xhat, Vec<Scalar>& inv_sigma) {
@@ -312,10 +432,15 @@ void layer_norm_train(const Mat<Scalar>& x, const Vec<Scalar>& gamma, const Vec<
   y = (xhat.array().rowwise() * gamma.transpose().array()).rowwise() + beta.transpose().array();
 }
 
-// dx += the input gradient of layer_norm.
+// dx += the input gradient of layer_norm; trained γ, β get dγ += Σ_rows dy ⊙ xhat, dβ += Σ_rows dy.
 template <class Scalar>
-void layer_norm_backward(const Mat<Scalar>& xhat, const Vec<Scalar>& inv_sigma, const Vec<Scalar>& gamma, const Mat<Scalar>& dy,
+void layer_norm_backward(const Mat<Scalar>& xhat, const Vec<Scalar>& inv_sigma, NormWeights<Scalar>& norm, const Mat<Scalar>& dy,
                          Mat<Scalar>& dx) {
+  const Vec<Scalar>& gamma = norm.gamma;
+  if (norm.trainable) {
+    norm.grad_gamma += dy.cwiseProduct(xhat).colwise().sum().transpose();
+    norm.grad_beta += dy.colwise().sum().transpose();
+  }
   for (Index i = 0; i < xhat.rows(); ++i) {
     const auto g = dy.row(i).cwiseProduct(gamma.transpose());
     const Scalar mg = g.mean(), mgx = g.dot(xhat.row(i)) / Scalar(xhat.cols());
@@ -324,21 +449,45 @@ void layer_norm_backward(const Mat<Scalar>& xhat, const Vec<Scalar>& inv_sigma, 
 }
 
 // A Hugging Face checkpoint folder of a model loaded from dir: out_dir/config.json (dir's, byte
-// for byte) and out_dir/model.safetensors with dir's tensors in their dtypes, except that each
-// LoRA layer's module.weight is the layer's current weight (merge() first to save the merged
-// model, which transformers then loads without PEFT). Both files or neither are written.
+// for byte) and dir's safetensors files (model.safetensors, or the shards and
+// model.safetensors.index.json) with their tensors in their dtypes, except that each LoRA layer's
+// module.weight is the layer's current weight (merge() first to save the merged model, which
+// transformers then loads without PEFT). All files or none are written.
 template <class Scalar>
 void save_checkpoint(const std::string& dir, const std::string& out_dir, const ModuleMap<Scalar>& modules) {
   namespace fs = std::filesystem;
   if (fs::weakly_canonical(dir) == fs::weakly_canonical(out_dir))
     detail::fail("save_checkpoint: ", out_dir, " is the folder the model was read from; write elsewhere");
-  const SafeTensors st = SafeTensors::open((fs::path(dir) / "model.safetensors").string());
+  const Checkpoint<Scalar> ckpt(dir);
   const std::string config = detail::read_text((fs::path(dir) / "config.json").string());
-  const SafeTensorsBuilder b = detail::with_layer_weights(st, modules);
+  std::vector<std::pair<std::string, detail::FileBytes>> files;
+  for (std::size_t k = 0; k < ckpt.shards().size(); ++k)
+    files.emplace_back((fs::path(out_dir) / ckpt.files()[k]).string(), detail::with_layer_weights(ckpt.shards()[k], modules).serialize());
+  const std::string& index = ckpt.index_text();
+  if (!index.empty())
+    files.emplace_back((fs::path(out_dir) / "model.safetensors.index.json").string(), detail::FileBytes(index.begin(), index.end()));
+  files.emplace_back((fs::path(out_dir) / "config.json").string(), detail::FileBytes(config.begin(), config.end()));
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) detail::fail("save_checkpoint: cannot create ", out_dir, ": ", ec.message());
-  detail::write_files_atomic({{(fs::path(out_dir) / "model.safetensors").string(), b.serialize()},
+  detail::write_files_atomic(files);
+}
+
+// A vector as a 1-D tensor.
+template <class Scalar>
+void add_vector(SafeTensorsBuilder& b, const std::string& name, const Vec<Scalar>& v) {
+  b.add(name, v, {std::uint64_t(v.size())});
+}
+
+// save_pretrained's files: out_dir/model.safetensors (tensors, metadata format "pt") and
+// out_dir/config.json (config's text), both or neither.
+inline void save_pretrained_files(const std::string& out_dir, const std::string& config, SafeTensorsBuilder& tensors) {
+  namespace fs = std::filesystem;
+  tensors.metadata("format", "pt");
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) detail::fail("save_pretrained: cannot create ", out_dir, ": ", ec.message());
+  detail::write_files_atomic({{(fs::path(out_dir) / "model.safetensors").string(), tensors.serialize()},
                               {(fs::path(out_dir) / "config.json").string(), detail::FileBytes(config.begin(), config.end())}});
 }
 

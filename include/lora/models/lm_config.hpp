@@ -34,6 +34,7 @@ struct LmConfig {
   std::string rope_type = "default";
   double rope_factor = 1, low_freq_factor = 1, high_freq_factor = 4;
   int original_max_position_embeddings = 8192;
+  std::string json;  // the text read, written back by save_pretrained
 
   static LmConfig read(const std::string& dir) {
     const std::string path = (std::filesystem::path(dir) / "config.json").string();
@@ -51,6 +52,7 @@ struct LmConfig {
     }
     if (!j.is_object()) detail::fail(label, ": expected a JSON object");
     LmConfig c;
+    c.json = text;
     auto present = [&](const nlohmann::json& o, const char* f) { return o.contains(f) && !o[f].is_null(); };
     auto integer = [&](const char* f, int& out, bool required) {
       if (!present(j, f)) {
