@@ -21,7 +21,7 @@
 // --quick uses small subsets (for tests); --epochs sets the adaptation epochs (pre-training takes
 // as many). Results are deterministic for a given seed and thread count.
 #include "idx.hpp"
-#include "report.hpp"
+#include "../common/report.hpp"
 #include "vit.hpp"
 
 #include <lora/lora.hpp>

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace lora {
@@ -32,6 +33,10 @@ struct GenerationConfig {
   double top_p = 1;        // 1: no nucleus cut
   std::uint64_t seed = 0;
   std::vector<std::int64_t> stop_tokens;
+  // One adapter name per prompt ("__base__" for none): a batch in which each sequence uses its
+  // own adapter, served unmerged in one pass (the model's forward with adapters). Empty: the
+  // active adapters for all.
+  std::vector<std::string> adapters;
 };
 
 namespace detail {
@@ -80,6 +85,9 @@ std::vector<std::vector<std::int64_t>> generate(const Model& model, const std::v
   if (g.top_k < 0) detail::fail("generate: top_k is ", g.top_k, ", expected >= 0");
   if (!(g.top_p > 0 && g.top_p <= 1)) detail::fail("generate: top_p is ", g.top_p, ", expected in (0, 1]");
   const Index batch = Index(prompts.size());
+  if (!g.adapters.empty() && g.adapters.size() != prompts.size())
+    detail::fail("generate: ", g.adapters.size(), " adapter names for ", prompts.size(), " prompts; give one per prompt");
+  const std::vector<std::string>* adapters = g.adapters.empty() ? nullptr : &g.adapters;
   Index L = 0;
   for (std::size_t b = 0; b < prompts.size(); ++b) {
     if (prompts[b].empty()) detail::fail("generate: prompt ", b, " is empty");
@@ -99,7 +107,7 @@ std::vector<std::vector<std::int64_t>> generate(const Model& model, const std::v
   auto cache = model.make_cache(batch, L + std::max(g.max_new_tokens, 1));
   std::vector<std::vector<std::int64_t>> out(batch);
   if (g.max_new_tokens == 0) return out;
-  auto logits = model.forward(ids, mask, &cache);
+  auto logits = model.forward(ids, mask, &cache, adapters);
   detail::Rng rng(g.seed);
   std::vector<bool> done(batch, false);
   Mat<std::int64_t> next(batch, 1);
@@ -112,7 +120,7 @@ std::vector<std::vector<std::int64_t>> generate(const Model& model, const std::v
       done[b] = std::find(g.stop_tokens.begin(), g.stop_tokens.end(), next(b, 0)) != g.stop_tokens.end();
     }
     if (step + 1 == g.max_new_tokens || std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
-    logits = model.forward(next, {}, &cache);
+    logits = model.forward(next, {}, &cache, adapters);
   }
   return out;
 }

@@ -94,11 +94,15 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
   // Positions skip pads (token_positions). With a cache (make_cache), ids are the tokens after
   // the cached ones: only they are computed, attending to the cached ones too, and they are
   // added to the cache. const and thread-safe (a cache belongs to one caller).
+  // adapters: one adapter name per sequence ("__base__" for none), a mixed batch served without
+  // merging (LoraLinear::forward(x, names)); null = the active adapters for all.
   Mat forward(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {},
-              KvCache<Scalar>* cache = nullptr) const {
+              KvCache<Scalar>* cache = nullptr, const std::vector<std::string>* adapters = nullptr) const {
     const LmConfig& c = config_;
     const Index batch = ids.rows(), T = ids.cols(), d = c.hidden_size, past = cache ? cache->length : 0;
     check_token_ids("Gpt2Model::forward", ids, attention_mask, c.vocab_size, c.max_position_embeddings, past);
+    const std::vector<std::string> row_names = adapter_rows("Gpt2Model::forward", adapters, ids.rows(), ids.cols());
+    const std::vector<std::string>* rows = adapters ? &row_names : nullptr;
     const lora::Mat<std::int64_t> key_mask = begin_cached_forward("Gpt2Model::forward", cache, ids, attention_mask, int(layers_.size()));
     const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
     Mat h(batch * T, d), a, qkv, q, k, v, o, y, f, g;
@@ -107,18 +111,18 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       layer_norm(h, L.ln1.gamma, L.ln1.beta, c.rms_norm_eps, a);
-      L.c_attn.forward(a, qkv);
+      L.c_attn.forward(a, qkv, rows);
       q = qkv.leftCols(d);
       k = qkv.middleCols(d, d);
       v = qkv.rightCols(d);
       const AttentionInputs<Scalar> kv = keys_and_values(k, v, batch, T, cache, int(l));
       causal_attention(q, *kv.K, *kv.V, batch, T, past, kv.stride, c.num_attention_heads, c.num_attention_heads, c.head_dim, key_mask, o);
-      L.attn_proj.forward(o, y);
+      L.attn_proj.forward(o, y, rows);
       h += y;
       layer_norm(h, L.ln2.gamma, L.ln2.beta, c.rms_norm_eps, a);
-      L.c_fc.forward(a, f);
+      L.c_fc.forward(a, f, rows);
       gelu_new(f, g);
-      L.mlp_proj.forward(g, y);
+      L.mlp_proj.forward(g, y, rows);
       h += y;
     }
     end_cached_forward(cache, ids, attention_mask);

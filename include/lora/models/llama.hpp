@@ -110,11 +110,15 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   // Positions skip pads (token_positions). With a cache (make_cache), ids are the tokens after
   // the cached ones: only they are computed, attending to the cached ones too, and they are
   // added to the cache. const and thread-safe (a cache belongs to one caller).
+  // adapters: one adapter name per sequence ("__base__" for none), a mixed batch served without
+  // merging (LoraLinear::forward(x, names)); null = the active adapters for all.
   Mat forward(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {},
-              KvCache<Scalar>* cache = nullptr) const {
+              KvCache<Scalar>* cache = nullptr, const std::vector<std::string>* adapters = nullptr) const {
     const LmConfig& c = config_;
     const Index batch = ids.rows(), T = ids.cols(), past = cache ? cache->length : 0;
     check_token_ids("LlamaModel::forward", ids, attention_mask, c.vocab_size, c.max_position_embeddings, past);
+    const std::vector<std::string> row_names = adapter_rows("LlamaModel::forward", adapters, ids.rows(), ids.cols());
+    const std::vector<std::string>* rows = adapters ? &row_names : nullptr;
     const lora::Mat<std::int64_t> key_mask = begin_cached_forward("LlamaModel::forward", cache, ids, attention_mask, int(layers_.size()));
     const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
     Mat h(batch * T, c.hidden_size), a, q, k, v, o, g, u, y, cos, sin;
@@ -124,20 +128,20 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       rms_norm(h, L.norm1.gamma, c.rms_norm_eps, a);
-      L.q.forward(a, q);
-      L.k.forward(a, k);
-      L.v.forward(a, v);
+      L.q.forward(a, q, rows);
+      L.k.forward(a, k, rows);
+      L.v.forward(a, v, rows);
       rope(q, c.num_attention_heads, cos, sin);
       rope(k, c.num_key_value_heads, cos, sin);
       const AttentionInputs<Scalar> kv = keys_and_values(k, v, batch, T, cache, int(l));
       causal_attention(q, *kv.K, *kv.V, batch, T, past, kv.stride, c.num_attention_heads, c.num_key_value_heads, c.head_dim, key_mask, o);
-      L.o.forward(o, y);
+      L.o.forward(o, y, rows);
       h += y;
       rms_norm(h, L.norm2.gamma, c.rms_norm_eps, a);
-      L.gate.forward(a, g);
-      L.up.forward(a, u);
+      L.gate.forward(a, g, rows);
+      L.up.forward(a, u, rows);
       g = (silu(g).array() * u.array()).matrix();
-      L.down.forward(g, y);
+      L.down.forward(g, y, rows);
       h += y;
     }
     end_cached_forward(cache, ids, attention_mask);
@@ -146,7 +150,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     if (c.tie_word_embeddings)
       logits.noalias() = a * embed_.w.transpose();
     else
-      head_.forward(a, logits);
+      head_.forward(a, logits, rows);
     return logits;
   }
 
@@ -385,7 +389,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   std::vector<Layer> layers_;
   NormWeights<Scalar> norm_;
   Projection<Scalar> head_;  // unused when tied: the head is embed_
-  Vec inv_freq_;
+  lora::Vec<double> inv_freq_;  // float values (rope_inv_freq)
   ModuleMap<Scalar> modules_;
   Train train_;
 };

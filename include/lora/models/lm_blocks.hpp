@@ -137,8 +137,10 @@ struct Projection {
   Mat<Scalar> grad_w, x;   // x: forward_train's input, kept while trainable
   Vec<Scalar> grad_b;
 
-  void forward(const MatRef<Scalar>& in, Mat<Scalar>& y) const {
-    if (lora) return lora->forward(in, y);
+  // rows: an adapter name per row (a mixed batch, LoraLinear::forward(x, names)); null = the
+  // active adapters for every row.
+  void forward(const MatRef<Scalar>& in, Mat<Scalar>& y, const std::vector<std::string>* rows = nullptr) const {
+    if (lora) return rows ? lora->forward(in, *rows, y) : lora->forward(in, y);
     y.resize(in.rows(), fan_in_fan_out ? w.cols() : w.rows());
     if (fan_in_fan_out)
       y.noalias() = in * w;
@@ -268,6 +270,11 @@ inline Mat<std::int64_t> token_positions(Index batch, Index T, const Mat<std::in
   return pos;
 }
 
+// The (sequence, head) pairs are independent: they run in parallel (OpenMP, lora's thread count)
+// when there is enough work, each writing its own blocks, so results do not depend on the thread
+// count; the products inside run on one thread each.
+inline bool parallel_attention(int tasks, Index T, Index S, Index dh) { return tasks > 1 && Index(tasks) * T * S * dh >= (Index(1) << 18); }
+
 // q (batch·T, heads·dh) of the new tokens; K, V hold every sequence's keys and values at rows
 // b·stride + j, j < past + T (the new tokens' at past .. past + T − 1). Query i of sequence b
 // sees key j when j <= past + i and key_mask (batch, >= past + T; empty = all real) is nonzero.
@@ -280,27 +287,31 @@ void causal_attention(const Mat<Scalar>& q, const Mat<Scalar>& K, const Mat<Scal
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
   const Scalar hidden = -std::numeric_limits<Scalar>::infinity();
   o.resize(q.rows(), q.cols());
-  Mat<Scalar> s(T, S);
-  for (Index b = 0; b < batch; ++b)
-    for (int h = 0; h < heads; ++h) {
-      const Index kv = h / group;
-      s.noalias() = q.block(b * T, h * dh, T, dh) * K.block(b * stride, kv * dh, S, dh).transpose() * scale;
-      for (Index i = 0; i < T; ++i) {
-        Scalar mx = hidden;
-        for (Index j = 0; j < S; ++j) {
-          if (j > past + i || (key_mask.size() && key_mask(b, j) == 0)) s(i, j) = hidden;
-          mx = std::max(mx, s(i, j));
-        }
-        if (mx == hidden) {
-          s.row(i).setZero();
-          continue;
-        }
-        s.row(i) = (s.row(i).array() - mx).exp().matrix();
-        s.row(i) /= s.row(i).sum();
+  const int tasks = int(batch) * heads;
+#pragma omp parallel for schedule(static) if (parallel_attention(tasks, T, S, dh))
+  for (int task = 0; task < tasks; ++task) {
+    const Index b = task / heads;
+    const int h = task % heads;
+    const Index kv = h / group;
+    thread_local Mat<Scalar> work;
+    Mat<Scalar>& s = probs ? (*probs)[std::size_t(task)] : work;
+    s.resize(T, S);
+    s.noalias() = q.block(b * T, h * dh, T, dh) * K.block(b * stride, kv * dh, S, dh).transpose() * scale;
+    for (Index i = 0; i < T; ++i) {
+      Scalar mx = hidden;
+      for (Index j = 0; j < S; ++j) {
+        if (j > past + i || (key_mask.size() && key_mask(b, j) == 0)) s(i, j) = hidden;
+        mx = std::max(mx, s(i, j));
       }
-      o.block(b * T, h * dh, T, dh).noalias() = s * V.block(b * stride, kv * dh, S, dh);
-      if (probs) (*probs)[b * heads + h] = s;
+      if (mx == hidden) {
+        s.row(i).setZero();
+        continue;
+      }
+      s.row(i) = (s.row(i).array() - mx).exp().matrix();
+      s.row(i) /= s.row(i).sum();
     }
+    o.block(b * T, h * dh, T, dh).noalias() = s * V.block(b * stride, kv * dh, S, dh);
+  }
 }
 
 // Backward of causal_attention without a cache (past 0), from the probabilities it kept:
@@ -316,11 +327,14 @@ void causal_attention_backward(const Mat<Scalar>& q, const Mat<Scalar>& k, const
   dq.resize(q.rows(), q.cols());
   dk = Mat<Scalar>::Zero(k.rows(), k.cols());
   dv = Mat<Scalar>::Zero(v.rows(), v.cols());
-  Mat<Scalar> dp(T, T);
-  for (Index b = 0; b < batch; ++b)
-    for (int h = 0; h < heads; ++h) {
-      const Index kv = h / group;
-      const Mat<Scalar>& P = probs[b * heads + h];
+  // One task per (sequence, kv head): it alone writes that kv head's dK, dV blocks.
+  const int tasks = int(batch) * kv_heads;
+#pragma omp parallel for schedule(static) if (parallel_attention(int(batch) * heads, T, T, dh))
+  for (int task = 0; task < tasks; ++task) {
+    const Index b = task / kv_heads, kv = task % kv_heads;
+    thread_local Mat<Scalar> dp;
+    for (int h = int(kv) * group; h < int(kv + 1) * group; ++h) {
+      const Mat<Scalar>& P = probs[std::size_t(b * heads + h)];
       const auto dO = d_o.block(b * T, h * dh, T, dh);
       dp.noalias() = dO * v.block(b * T, kv * dh, T, dh).transpose();
       dv.block(b * T, kv * dh, T, dh).noalias() += P.transpose() * dO;
@@ -328,6 +342,7 @@ void causal_attention_backward(const Mat<Scalar>& q, const Mat<Scalar>& k, const
       dq.block(b * T, h * dh, T, dh).noalias() = scale * dp * k.block(b * T, kv * dh, T, dh);
       dk.block(b * T, kv * dh, T, dh).noalias() += scale * dp.transpose() * q.block(b * T, h * dh, T, dh);
     }
+  }
 }
 
 // A forward's keys and values at layer l: the new tokens' k, v (batch·T, width) alone, or the
@@ -489,6 +504,17 @@ inline void save_pretrained_files(const std::string& out_dir, const std::string&
   if (ec) detail::fail("save_pretrained: cannot create ", out_dir, ": ", ec.message());
   detail::write_files_atomic({{(fs::path(out_dir) / "model.safetensors").string(), tensors.serialize()},
                               {(fs::path(out_dir) / "config.json").string(), detail::FileBytes(config.begin(), config.end())}});
+}
+
+// A forward's adapter per row (batch·T rows) from one adapter name per sequence; empty when
+// adapters is null. Checked: one name per sequence.
+inline std::vector<std::string> adapter_rows(const char* fn, const std::vector<std::string>* adapters, Index batch, Index T) {
+  std::vector<std::string> rows;
+  if (!adapters) return rows;
+  if (Index(adapters->size()) != batch)
+    detail::fail(fn, ": ", adapters->size(), " adapter names for ", batch, " sequences; give one per sequence");
+  for (const auto& name : *adapters) rows.insert(rows.end(), std::size_t(T), name);
+  return rows;
 }
 
 // ids (batch, T) in [0, vocab), past + T <= max_positions; attention_mask empty or (batch, T) of 0 and 1.
