@@ -317,6 +317,7 @@ TEST(Models, BadInputsAndCheckpointsAreRefusedByName) {
   EXPECT_LORA_ERROR(llama.forward(ids), "ids(0, 2) is 64", "outside the vocabulary [0, 64)");
   EXPECT_LORA_ERROR(llama.forward(Ids::Zero(1, 65)), "65 tokens", "max_position_embeddings 64");
   EXPECT_LORA_ERROR(llama.forward(Ids::Zero(2, 4), Ids::Ones(2, 3)), "attention_mask is (2, 3), expected (2, 4)");
+  EXPECT_LORA_ERROR(llama.forward(Ids::Zero(2, 4), Ids::Constant(2, 4, 2)), "attention_mask holds values other than 0 and 1");
 
   const std::string text = lora::detail::read_text(kLlama + "/config.json");
   auto with = [&](const std::string& from, const std::string& to) {

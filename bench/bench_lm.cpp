@@ -1,0 +1,146 @@
+// bench_lm: a Llama-shaped causal LM with LoRA on every linear (r 8), timed as a user runs it:
+//   training   tokens/s of forward_train + causal_lm_loss + backward + an AdamW step
+//   decode     tokens/s of generate (greedy, 8 sequences, 16-token prompts, 64 new tokens, KV
+//              cache): adapters merged, unmerged (one adapter), and 8 adapters mixed (each
+//              sequence its own, unmerged, one pass)
+// on the text_lora demo's shape and a larger one (d 1024). Each figure is the median of 5 rounds;
+// a round times merged, unmerged and mixed decoding back to back, so the ratios compare runs
+// under the same machine load.
+//
+//   bench_lm [--threads N] [--quick] [--only=demo|large]
+#include <lora/loss.hpp>
+#include <lora/models/generate.hpp>
+#include <lora/models/llama.hpp>
+#include <lora/optim.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Model = lora::LlamaModel<float>;
+using Ids = lora::Mat<std::int64_t>;
+using Clock = std::chrono::steady_clock;
+
+struct Shape {
+  const char* name;
+  int vocab, d, layers, heads, kv_heads, ff;
+  Eigen::Index batch, T;  // training batch
+};
+
+std::string config_json(const Shape& s) {
+  return lora::detail::cat(R"({"model_type": "llama", "vocab_size": )", s.vocab, R"(, "hidden_size": )", s.d,
+                           R"(, "intermediate_size": )", s.ff, R"(, "num_hidden_layers": )", s.layers, R"(, "num_attention_heads": )",
+                           s.heads, R"(, "num_key_value_heads": )", s.kv_heads, R"(, "max_position_embeddings": 256, "tie_word_embeddings": true})");
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+template <class F>
+double seconds(F f) {
+  const auto t0 = Clock::now();
+  f();
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void run(const Shape& s, int rounds, int train_steps, int new_tokens) {
+  const lora::LmConfig config = lora::LmConfig::from_json(config_json(s), s.name);
+  lora::PeftConfig peft;
+  peft.r = 8;
+  peft.lora_alpha = 16;
+  peft.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  // The random model saved and loaded back with LoRA layers: the constructor from a folder is
+  // the one that targets modules.
+  const std::string dir = "/tmp/bench_lm_" + std::string(s.name);
+  Model(config, 1).save_pretrained(dir);
+  Model model(dir, &peft);
+  lora::detail::Rng rng(7);
+  auto random_b = [&](const lora::LoraLinear<float>& layer) {
+    lora::Mat<float> b(layer.out_features(), 8);
+    for (Eigen::Index i = 0; i < b.size(); ++i) b.data()[i] = 0.02f * float(rng.normal());
+    return b;
+  };
+  for (const auto& [path, layer] : model.modules()) {
+    layer->set_lora_B(random_b(*layer));
+    for (int k = 0; k < 8; ++k) {
+      const std::string name = "t" + std::to_string(k);
+      layer->add_adapter(name, layer->config("default"));
+      layer->set_lora_B(name, random_b(*layer));
+    }
+  }
+
+  // training
+  Ids ids(s.batch, s.T);
+  for (Eigen::Index i = 0; i < ids.size(); ++i) ids.data()[i] = std::int64_t(rng.uniform() * s.vocab) % s.vocab;
+  lora::AdamW<float> opt;
+  opt.add(model.parameters());
+  std::vector<double> train;
+  for (int r = 0; r < rounds; ++r)
+    train.push_back(seconds([&] {
+      for (int i = 0; i < train_steps; ++i) {
+        model.zero_grad();
+        model.backward(lora::causal_lm_loss<float>(model.forward_train(ids), ids).grad);
+        opt.step();
+      }
+    }));
+  const double train_tps = double(train_steps) * double(ids.size()) / median(train);
+
+  // decode
+  const int batch = 8;
+  std::vector<std::vector<std::int64_t>> prompts(batch);
+  for (auto& p : prompts)
+    for (int t = 0; t < 16; ++t) p.push_back(std::int64_t(rng.uniform() * s.vocab) % s.vocab);
+  lora::GenerationConfig g;
+  g.max_new_tokens = new_tokens;
+  lora::GenerationConfig mixed = g;
+  for (int k = 0; k < batch; ++k) mixed.adapters.push_back("t" + std::to_string(k));
+  std::vector<double> merged, unmerged, mix;
+  for (int r = 0; r < rounds; ++r) {
+    model.modules().merge();
+    merged.push_back(seconds([&] { lora::generate(model, prompts, g); }));
+    model.modules().unmerge();
+    unmerged.push_back(seconds([&] { lora::generate(model, prompts, g); }));
+    mix.push_back(seconds([&] { lora::generate(model, prompts, mixed); }));
+  }
+  const double tokens = double(batch) * new_tokens;
+  const double m = tokens / median(merged), u = tokens / median(unmerged), x = tokens / median(mix);
+  std::printf("%-6s %9lld params  train %8.0f tok/s | decode merged %7.0f  unmerged %7.0f (%.3f)  8 mixed %7.0f (%.3f) tok/s\n",
+              s.name, static_cast<long long>(model.base_parameters()), train_tps, m, u, u / m, x, x / m);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  int threads = 1;
+  bool quick = false;
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--threads=", 0) == 0)
+      threads = std::stoi(a.substr(10));
+    else if (a == "--threads" && i + 1 < argc)
+      threads = std::stoi(argv[++i]);
+    else if (a == "--quick")
+      quick = true;
+    else if (a.rfind("--only=", 0) == 0)
+      only = a.substr(7);
+    else
+      lora::detail::fail("unknown argument ", a, " (bench_lm [--threads N] [--quick] [--only=demo|large])");
+  }
+  lora::set_num_threads(threads);
+  std::printf("bench_lm: %d thread(s); LoRA r 8 on every linear; median of %d rounds (ratios: unmerged or mixed / merged)\n", threads,
+              quick ? 1 : 5);
+  const Shape demo{"demo", 258, 128, 4, 4, 2, 344, 16, 128}, large{"large", 4096, 1024, 2, 16, 4, 2816, 4, 128};
+  if (only.empty() || only == "demo") run(demo, quick ? 1 : 5, quick ? 1 : 4, quick ? 8 : 64);
+  if (only.empty() || only == "large") run(large, quick ? 1 : 5, quick ? 1 : 2, quick ? 8 : 64);
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "bench_lm: %s\n", e.what());
+  return 2;
+}
