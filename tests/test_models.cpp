@@ -439,8 +439,12 @@ TEST(Models, ModulesToSaveTrainBesideTheLoraFactors) {
   want.insert({"lm_head.weight", "model.norm.weight", "model.layers.1.input_layernorm.weight"});
   EXPECT_EQ(parameter_names(llama.parameters()), want);
   check_parameter_gradients(llama);
-  EXPECT_LORA_ERROR(llama.set_trainable({"norm", "wte"}), "no module is named 'wte'");
+  EXPECT_LORA_ERROR(llama.set_trainable({"norm", "wte"}), "no module's path ends with 'wte'");
   EXPECT_EQ(parameter_names(llama.parameters()), want);  // unchanged
+  llama.set_trainable({"norm"});  // PEFT's plain suffix: every norm
+  want.insert({"model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+               "model.layers.1.post_attention_layernorm.weight"});
+  EXPECT_EQ(parameter_names(llama.parameters()), want);
 
   const auto g_config = lora::PeftConfig::read(kGpt2 + "/adapter/adapter_config.json");
   lora::Gpt2Model<double> gpt2(kGpt2, &g_config);

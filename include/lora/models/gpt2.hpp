@@ -11,6 +11,8 @@
 // The linears are Conv1D: W stored (in, out), y = x·W + b (PEFT's fan_in_fan_out). Every one
 // is a Projection (models/lm_blocks.hpp): frozen, or a LoraLinear registered in modules() when
 // the PeftConfig given to the constructor targets its path (transformer.h.0.attn.c_attn, ...).
+// The base weights train when asked (set_trainable, set_base_trainable: lm_trainable.hpp); a new
+// model comes from a config and a seed; save_pretrained writes the model as a Hugging Face folder.
 #pragma once
 
 #include <lora/error.hpp>

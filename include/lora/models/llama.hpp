@@ -18,7 +18,9 @@
 // Every linear is a Projection: frozen W (and b) unless the PeftConfig given to the constructor
 // targets its path (model.layers.0.self_attn.q_proj, model.layers.0.mlp.down_proj, lm_head), which
 // makes it a LoraLinear registered in modules() under that path, so load_adapter, save_adapter,
-// merge and named adapters work on the model as on any ModuleMap.
+// merge and named adapters work on the model as on any ModuleMap. The base weights train when
+// asked (set_trainable, set_base_trainable: lm_trainable.hpp); a new model comes from a config and
+// a seed; save_pretrained writes the model as a Hugging Face folder.
 #pragma once
 
 #include <lora/detail/files.hpp>

@@ -69,15 +69,15 @@ struct EmbeddingWeights {
 template <class Derived, class Scalar>
 class TrainableModules {
  public:
-  // PEFT's modules_to_save: each name is a module path or its last dotted parts ("lm_head",
-  // "embed_tokens", "norm" = model.norm, "input_layernorm" = every layer's, "mlp.down_proj"); the
-  // matched modules' weights train beside the LoRA factors. A name that matches nothing is
+  // PEFT's modules_to_save: the modules whose path ends with one of the names train beside the
+  // LoRA factors ("lm_head", "embed_tokens", "model.norm"; as in PEFT, a plain suffix: "norm" is
+  // every norm, input_layernorm and post_attention_layernorm too). A name that matches nothing is
   // refused, changing nothing.
   void set_trainable(const std::vector<std::string>& names) {
     for (const auto& n : names) {
       bool found = false;
       Derived::each_base_module(self(), [&](const std::string& path, auto&) { found = found || matches(path, n); });
-      if (!found) detail::fail("set_trainable: no module is named '", n, "'");
+      if (!found) detail::fail("set_trainable: no module's path ends with '", n, "'");
     }
     Derived::each_base_module(self(), [&](const std::string& path, auto& m) {
       for (const auto& n : names)
@@ -115,8 +115,7 @@ class TrainableModules {
 
  private:
   static bool matches(const std::string& path, const std::string& n) {
-    return path == n ||
-           (path.size() > n.size() && path.compare(path.size() - n.size(), n.size(), n) == 0 && path[path.size() - n.size() - 1] == '.');
+    return path.size() >= n.size() && path.compare(path.size() - n.size(), n.size(), n) == 0;
   }
   Derived& self() { return static_cast<Derived&>(*this); }
   const Derived& self() const { return static_cast<const Derived&>(*this); }
