@@ -575,3 +575,28 @@ TEST(Models, MixedAdapterBatchGeneratesAsEachAdapterAlone) {
   const std::vector<std::string> unknown = {"default", "c", "b"};
   EXPECT_LORA_ERROR(model.forward(ids, {}, nullptr, &unknown), "'c'");
 }
+
+// Attention's (sequence, head) pairs run in parallel above a work threshold (this shape is above
+// it): logits and every gradient are the same, bit for bit, on one thread and on two.
+TEST(Models, LlamaAttentionHeadsRunInParallelWithTheSameResults) {
+  const lora::LmConfig c = lora::LmConfig::from_json(lora::detail::read_text(kLlama + "/config.json"), "tiny_llama");
+  lora::LlamaModel<double> model(c, 3);
+  model.set_base_trainable(true);
+  Ids ids(4, 64);
+  for (Eigen::Index i = 0; i < ids.size(); ++i) ids.data()[i] = (i * 7 + 3) % 64;
+  Ids mask = Ids::Ones(4, 64);
+  mask.block(1, 0, 1, 5).setZero();
+  auto run = [&](int threads) {
+    lora::set_num_threads(threads);
+    model.zero_grad();
+    const lora::Mat<double> logits = model.forward_train(ids, mask);
+    model.backward(lora::causal_lm_loss<double>(logits, ids).grad);
+    std::vector<lora::Mat<double>> out = {logits, model.forward(ids, mask)};
+    for (const auto& p : model.parameters()) out.push_back(p.grad);
+    return out;
+  };
+  const auto one = run(1), two = run(2);
+  lora::set_num_threads(0);
+  ASSERT_EQ(one.size(), two.size());
+  for (std::size_t i = 0; i < one.size(); ++i) EXPECT_EQ(one[i], two[i]) << i;
+}
