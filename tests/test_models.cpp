@@ -600,3 +600,55 @@ TEST(Models, LlamaAttentionHeadsRunInParallelWithTheSameResults) {
   ASSERT_EQ(one.size(), two.size());
   for (std::size_t i = 0; i < one.size(); ++i) EXPECT_EQ(one[i], two[i]) << i;
 }
+
+// PEFT's modules_to_save in adapter directories: the model's save_adapter writes the trained base
+// tensors beside the LoRA factors, its load_adapter gives a fresh model the same logits; a
+// ModuleMap alone refuses the directory, and a directory that lacks a named module's tensor is
+// refused without changing the model.
+TEST(Models, ModulesToSaveRoundTripThroughAdapterDirectories) {
+  const auto config = lora::PeftConfig::read(kLlama + "/adapter/adapter_config.json");
+  lora::LlamaModel<double> trained(kLlama, &config);
+  lora::load_adapter(kLlama + "/adapter", trained.modules());
+  trained.set_trainable({"lm_head", "model.norm"});
+  lora::AdamWOptions o;
+  o.lr = 1e-2;
+  lora::AdamW<double> opt(o);
+  opt.add(trained.parameters());
+  Ids ids(1, 8);
+  ids << 1, 5, 9, 13, 17, 21, 25, 29;
+  for (int step = 0; step < 3; ++step) {
+    trained.zero_grad();
+    trained.backward(lora::causal_lm_loss<double>(trained.forward_train(ids), ids).grad);
+    opt.step();
+  }
+  const fs::path dir = fs::temp_directory_path() / "lora_test_models_modules_to_save";
+  fs::remove_all(dir);
+  trained.save_adapter(dir.string(), config, lora::Dtype::F64);
+  const auto st = lora::SafeTensors::open((dir / "adapter_model.safetensors").string());
+  EXPECT_TRUE(st.contains("base_model.model.lm_head.weight"));
+  EXPECT_EQ(st.info("base_model.model.model.norm.weight").shape, std::vector<std::uint64_t>{32});
+  EXPECT_EQ(lora::PeftConfig::read((dir / "adapter_config.json").string()).modules_to_save,
+            (std::vector<std::string>{"lm_head", "model.norm"}));
+
+  lora::LlamaModel<double> fresh(kLlama, &config);
+  const lora::Mat<double> before = fresh.forward(ids);
+  EXPECT_LORA_ERROR(lora::load_adapter(dir.string(), fresh.modules()), "modules_to_save is lm_head, model.norm",
+                    "load it with the model's load_adapter");
+  fresh.load_adapter(dir.string());
+  EXPECT_EQ(fresh.forward(ids), trained.forward(ids));
+  EXPECT_EQ(fresh.trainable_parameters(), trained.trainable_parameters());
+
+  // The config names embed_tokens too, which the file lacks: refused, nothing changes.
+  lora::PeftConfig wider = lora::PeftConfig::read((dir / "adapter_config.json").string());
+  wider.modules_to_save.push_back("embed_tokens");
+  std::ofstream(dir / "adapter_config.json") << wider.to_json();
+  lora::LlamaModel<double> other(kLlama, &config);
+  const auto trainable = other.trainable_parameters();
+  EXPECT_LORA_ERROR(other.load_adapter(dir.string()), "model.embed_tokens.weight of modules_to_save is not in the file");
+  EXPECT_EQ(other.trainable_parameters(), trainable);
+  EXPECT_EQ(other.forward(ids), before);
+
+  lora::Gpt2Model<double> gpt2(kGpt2, nullptr);
+  gpt2.set_trainable({"lm_head"});
+  EXPECT_LORA_ERROR(gpt2.save_adapter(dir.string() + "_gpt2", lora::PeftConfig{}), "lm_head is tied to the embedding");
+}

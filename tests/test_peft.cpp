@@ -112,7 +112,9 @@ TEST(PeftConfig, BadConfigsAreRefusedByName) {
       {R"({"peft_type": "LORA", "target_modules": ["q"], "use_rslora": "yes"})", {"use_rslora is \"yes\""}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "use_dora": 1})", {"use_dora is 1", "true or false"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "bias": "all"})", {"bias is \"all\"", "only \"none\""}},
-      {R"({"peft_type": "LORA", "target_modules": ["q"], "modules_to_save": ["head"]})", {"modules_to_save is [\"head\"]"}},
+      // modules_to_save names base modules (a causal LM's load_adapter takes them; test_models)
+      {R"({"peft_type": "LORA", "target_modules": ["q"], "modules_to_save": "head"})", {"modules_to_save is \"head\"", "a list of module names"}},
+      {R"({"peft_type": "LORA", "target_modules": ["q"], "modules_to_save": [1]})", {"modules_to_save holds 1"}},
       {R"({"peft_type": "LORA", "target_modules": ["q"], "layers_to_transform": [0]})", {"layers_to_transform is [0]"}},
   };
   for (const auto& [text, frags] : table) {

@@ -38,7 +38,7 @@ int check(const std::string& dir) {
     const std::string adapter = (fs::path(dir) / name).string();
     const lora::PeftConfig config = lora::PeftConfig::read(adapter + "/adapter_config.json");
     Model model(dir, &config);
-    lora::load_adapter(adapter, model.modules());
+    model.load_adapter(adapter);  // modules_to_save too
     const lora::Mat<double> want = io.matrix<double>(std::string("logits_") + name);
     report(name, relative_error(model.forward(ids), want));
     model.modules().merge();

@@ -47,6 +47,8 @@ class LoraModel {
  public:
   LoraModel(const std::string& model_path, const PeftConfig& config, LoraConfig base = {})
       : st_(SafeTensors::open(model_path)), config_(config) {
+    if (!config.modules_to_save.empty())
+      detail::fail("LoraModel: modules_to_save (", config.modules_to_save.front(), ", ...) is not supported here");
     base.fan_in_fan_out = config.fan_in_fan_out;
     const std::string suffix = ".weight";
     for (const auto& t : st_.tensors()) {

@@ -22,6 +22,7 @@
 #include <lora/error.hpp>
 #include <lora/linear.hpp>
 #include <lora/module_map.hpp>
+#include <lora/parameter.hpp>
 #include <lora/peft_config.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/types.hpp>
@@ -43,6 +44,9 @@ struct LoadOptions {
   // The named adapter the file fills in each layer: replaced when the layer has it, added (not
   // active) otherwise, as PEFT's load_adapter(path, adapter_name).
   std::string adapter_name = "default";
+  // Set by a causal LM's load_adapter, which loads the modules_to_save tensors itself: the LoRA
+  // part is loaded here and those tensors are skipped. A ModuleMap alone refuses such adapters.
+  bool skip_modules_to_save = false;
 };
 
 namespace detail {
@@ -69,6 +73,14 @@ inline std::pair<std::string, char> split_peft_key(const std::string& key, const
       fail(file, ": tensor '", key, "': ", kind, " (embedding adapters) is not supported by load_adapter");
   fail(file, ": tensor '", key, "' is not a PEFT LoRA key (base_model.model.<module>.lora_A.weight / .lora_B.weight / "
        ".lora_magnitude_vector)");
+}
+
+// A LoRA factor's key (lora_A, lora_B, lora_magnitude_vector, lora_embedding_A/B), as opposed to a
+// modules_to_save tensor.
+inline bool is_lora_key(const std::string& key) {
+  for (const char* part : {".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_"})
+    if (key.find(part) != std::string::npos) return true;
+  return false;
 }
 
 inline std::string join(const std::vector<std::string>& v) {
@@ -107,7 +119,11 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
     const TensorInfo* m = nullptr;
   };
   std::map<std::string, Parts> in_file;
+  if (!config.modules_to_save.empty() && !options.skip_modules_to_save)
+    detail::fail("load_adapter: ", cfg_path, ": modules_to_save is ", detail::join(config.modules_to_save),
+                 "; a ModuleMap holds only LoRA layers: load it with the model's load_adapter");
   for (const auto& t : st.tensors()) {
+    if (options.skip_modules_to_save && !detail::is_lora_key(t.name)) continue;
     auto [module, kind] = detail::split_peft_key(t.name, st_path);
     const TensorInfo*& slot = kind == 'A' ? in_file[module].a : kind == 'B' ? in_file[module].b : in_file[module].m;
     if (slot) detail::fail("load_adapter: ", st_path, ": ", module, " has two lora_magnitude_vector tensors");
@@ -199,11 +215,14 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
 // Writes DIR/adapter_model.safetensors (A and B of every mapped module, and DoRA's magnitude, as
 // dtype) and DIR/adapter_config.json (config.to_json()), both or neither (detail/files.hpp); creates DIR if needed.
 // The adapter saved is `adapter` in every layer, or each layer's one active adapter when empty.
+// modules_to_save: trained base tensors (a causal LM's, with config.modules_to_save), written as
+// base_model.model.<name> as PEFT does.
 // Every module must be targeted by config, with the r, alpha, rsLoRA and DoRA flags the config
 // gives it; otherwise nothing is written.
 template <class Scalar>
 void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, const PeftConfig& config,
-                  Dtype dtype = Dtype::F32, const std::string& adapter = "") {
+                  Dtype dtype = Dtype::F32, const std::string& adapter = "",
+                  const std::vector<Parameter<Scalar>>& modules_to_save = {}) {
   namespace fs = std::filesystem;
   if (!detail::is_float_dtype(dtype))
     detail::fail("save_adapter: dtype ", dtype_name(dtype), " is not a float type (F32, F16, BF16 or F64)");
@@ -234,6 +253,16 @@ void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, cons
     if (lc.use_dora)  // PEFT's key: the magnitude's ".weight" is dropped when saving
       b.add(detail::kPeftPrefix + module + ".lora_magnitude_vector", layer->lora_magnitude(name), dtype,
             {static_cast<std::uint64_t>(layer->out_features())});
+  }
+  if (!modules_to_save.empty() && config.modules_to_save.empty())
+    problems.push_back("base tensors to save but the config's modules_to_save is empty");
+  if (modules_to_save.empty() && !config.modules_to_save.empty())
+    problems.push_back("the config names modules_to_save but no base tensors were given (save the model's adapter)");
+  for (const auto& p : modules_to_save) {
+    if (p.value.rows() == 1)  // vectors (norm gains, biases) are 1-D in PyTorch
+      b.add(detail::kPeftPrefix + p.name, p.value, dtype, {static_cast<std::uint64_t>(p.value.cols())});
+    else
+      b.add(detail::kPeftPrefix + p.name, p.value, dtype);
   }
   if (!problems.empty()) detail::fail("save_adapter: ", dir, ": ", detail::join(problems));
   const std::string text = config.to_json();

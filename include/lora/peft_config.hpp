@@ -6,9 +6,11 @@
 // target_modules / exclude_modules: a list (the path equals a name or ends with "." + name) or a
 // string (a regex that must match the whole path; RE2, linear in the path, see make_regex). rank_pattern / alpha_pattern: the first key
 // k, in file order, such that the path matches "(.*\.)?(k)" gives the module's r / alpha.
-// Refused with an error naming the field: other peft_types, bias other than "none",
-// modules_to_save, layers_to_transform/layers_pattern, target_parameters and the other options
-// that change what the file means. Fields this library does not know are kept and written back.
+// modules_to_save: the names of base modules trained beside the LoRA factors (their tensors are in
+// the adapter file); a causal LM's load_adapter and save_adapter handle them, a ModuleMap refuses
+// them. Refused with an error naming the field: other peft_types, bias other than "none",
+// layers_to_transform/layers_pattern, target_parameters and the other options that change what
+// the file means. Fields this library does not know are kept and written back.
 #pragma once
 
 #include <lora/config.hpp>
@@ -75,6 +77,7 @@ struct PeftConfig {
   bool fan_in_fan_out = false;
   std::vector<std::pair<std::string, int>> rank_pattern;       // in file order
   std::vector<std::pair<std::string, double>> alpha_pattern;   // in file order
+  std::vector<std::string> modules_to_save;  // base modules trained too (a path ends with a name)
   nlohmann::ordered_json raw = nlohmann::ordered_json::object();
 
   // PEFT's check_target_module_exists for a module path.
@@ -219,7 +222,15 @@ inline PeftConfig PeftConfig::from_json(const std::string& text, const std::stri
   // Options that change what the weights mean, which this library does not implement.
   if (auto* v = field("bias"); v && *v != "none")
     detail::fail(label, ": bias is ", detail::json_text(*v), "; only \"none\" is supported");
-  for (const char* name : {"lora_bias", "modules_to_save", "layers_to_transform", "layers_pattern",
+  if (auto* v = field("modules_to_save")) {
+    if (!v->is_array()) bad("modules_to_save", "a list of module names");
+    for (const auto& n : *v) {
+      if (!n.is_string() || n.get<std::string>().empty())
+        detail::fail(label, ": modules_to_save holds ", detail::json_text(n), ", expected module names");
+      c.modules_to_save.push_back(n.get<std::string>());
+    }
+  }
+  for (const char* name : {"lora_bias", "layers_to_transform", "layers_pattern",
                            "target_parameters", "layer_replication", "trainable_token_indices",
                            "alora_invocation_tokens", "use_qalora", "use_bdlora", "megatron_config"}) {
     const auto* v = field(name);
@@ -248,6 +259,7 @@ inline std::string PeftConfig::to_json() const {
   j["use_rslora"] = use_rslora;
   j["use_dora"] = use_dora;
   j["fan_in_fan_out"] = fan_in_fan_out;
+  j["modules_to_save"] = modules_to_save.empty() ? nlohmann::json() : nlohmann::json(modules_to_save);
   j["rank_pattern"] = nlohmann::json::object();
   for (const auto& [k, v] : rank_pattern) j["rank_pattern"][k] = v;
   j["alpha_pattern"] = nlohmann::json::object();

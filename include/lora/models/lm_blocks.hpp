@@ -467,7 +467,8 @@ void layer_norm_backward(const Mat<Scalar>& xhat, const Vec<Scalar>& inv_sigma, 
 // for byte) and dir's safetensors files (model.safetensors, or the shards and
 // model.safetensors.index.json) with their tensors in their dtypes, except that each LoRA layer's
 // module.weight is the layer's current weight (merge() first to save the merged model, which
-// transformers then loads without PEFT). All files or none are written.
+// transformers then loads without PEFT). Other tensors come from dir's files: a model whose base
+// modules trained (set_trainable) is saved with its save_pretrained. All files or none are written.
 template <class Scalar>
 void save_checkpoint(const std::string& dir, const std::string& out_dir, const ModuleMap<Scalar>& modules) {
   namespace fs = std::filesystem;

@@ -4,7 +4,8 @@
 //   NormWeights        a norm's γ (and β):           dγ, dβ from the norm's backward
 //   EmbeddingWeights   a table E (rows, d):           y = E[ids];  dE[id] += dy of each token
 //   TrainableModules   what LlamaModel and Gpt2Model offer on top (CRTP): set_trainable(names),
-//                      set_base_trainable, parameters(), zero_grad(), trainable_parameters().
+//                      set_base_trainable, parameters(), zero_grad(), trainable_parameters(), and
+//                      PEFT adapter directories with modules_to_save (save_adapter, load_adapter).
 //                      The model lists its base modules by path (each_base_module); a tied head is
 //                      listed as "lm_head" beside the embedding it shares, and counted once.
 //
@@ -15,8 +16,13 @@
 #include <lora/error.hpp>
 #include <lora/module_map.hpp>
 #include <lora/parameter.hpp>
+#include <lora/peft.hpp>
+#include <lora/safetensors.hpp>
 #include <lora/types.hpp>
 
+#include <algorithm>
+#include <filesystem>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -74,21 +80,99 @@ class TrainableModules {
   // every norm, input_layernorm and post_attention_layernorm too). A name that matches nothing is
   // refused, changing nothing.
   void set_trainable(const std::vector<std::string>& names) {
-    for (const auto& n : names) {
-      bool found = false;
-      Derived::each_base_module(self(), [&](const std::string& path, auto&) { found = found || matches(path, n); });
-      if (!found) detail::fail("set_trainable: no module's path ends with '", n, "'");
-    }
+    check_names("set_trainable", names);
     Derived::each_base_module(self(), [&](const std::string& path, auto& m) {
-      for (const auto& n : names)
-        if (matches(path, n)) m.set_trainable(true);
+      if (matches_any(path, names)) m.set_trainable(true);
     });
+    for (const auto& n : names)
+      if (std::find(to_save_.begin(), to_save_.end(), n) == to_save_.end()) to_save_.push_back(n);
     self().discard_training();
   }
   // Every base weight trains (on) or none does: full fine-tuning and pre-training.
   void set_base_trainable(bool on) {
     Derived::each_base_module(self(), [&](const std::string&, auto& m) { m.set_trainable(on); });
+    all_base_ = on;
+    to_save_.clear();
     self().discard_training();
+  }
+
+  // PEFT adapter directories with modules_to_save. save_adapter writes the LoRA factors (as
+  // lora::save_adapter) and the tensors of the modules set_trainable named, as
+  // base_model.model.<tensor name>, with config.modules_to_save = those names. load_adapter reads
+  // such a directory (or a plain one): the named modules become trainable and take the file's
+  // tensors, the LoRA factors load as lora::load_adapter does; every tensor and shape is checked
+  // first, and a refused adapter changes nothing. Refused: a model whose every weight trains
+  // (save it with save_pretrained), a LoRA layer that also trains its base, "lm_head" when the
+  // head is tied (name embed_tokens).
+  void save_adapter(const std::string& dir, PeftConfig config, Dtype dtype = Dtype::F32) {
+    if (all_base_) detail::fail("save_adapter: every base weight trains (set_base_trainable); save the model with save_pretrained");
+    check_peft_names("save_adapter", to_save_);
+    config.modules_to_save = to_save_;
+    std::vector<Parameter<Scalar>> base;
+    for (auto& p : parameters())
+      if (p.name.find(".lora_") == std::string::npos) base.push_back(p);
+    lora::save_adapter(dir, self().modules(), config, dtype, "", base);
+  }
+  PeftConfig load_adapter(const std::string& dir, LoadOptions options = {}) {
+    namespace fs = std::filesystem;
+    const PeftConfig config = PeftConfig::read((fs::path(dir) / "adapter_config.json").string());
+    if (config.modules_to_save.empty()) return lora::load_adapter(dir, self().modules(), options);
+    const std::vector<std::string>& names = config.modules_to_save;
+    const std::string where = "load_adapter: " + dir;
+    check_names(where.c_str(), names);
+    check_peft_names(where.c_str(), names);
+    std::vector<std::string> newly;  // made trainable here; back to frozen if the adapter is refused
+    Derived::each_base_module(self(), [&](const std::string& path, auto& m) {
+      if (matches_any(path, names) && m.trained() == 0) {
+        m.set_trainable(true);
+        newly.push_back(path);
+      }
+    });
+    try {
+      const std::string file = (fs::path(dir) / "adapter_model.safetensors").string();
+      const SafeTensors st = SafeTensors::open(file);
+      std::map<std::string, Parameter<Scalar>> want;  // tensor name -> the model's tensor
+      for (auto& p : parameters()) {
+        const std::size_t dot = p.name.rfind('.');
+        if (p.name.find(".lora_") == std::string::npos && matches_any(p.name.substr(0, dot), names)) want.emplace(p.name, p);
+      }
+      std::vector<std::string> problems;
+      std::vector<std::pair<Parameter<Scalar>, Mat<Scalar>>> values;
+      for (const auto& t : st.tensors()) {
+        if (detail::is_lora_key(t.name)) continue;
+        const std::string& pre = detail::kPeftPrefix;
+        const std::string name = t.name.compare(0, pre.size(), pre) == 0 ? t.name.substr(pre.size()) : t.name;
+        const auto w = want.find(name);
+        if (w == want.end()) {
+          problems.push_back("'" + t.name.substr(0, 100) + "' is neither a LoRA factor nor a tensor of modules_to_save");
+          continue;
+        }
+        const MatMap<Scalar>& v = w->second.value;
+        const bool vector = v.rows() == 1 && t.shape.size() == 1;
+        const std::vector<std::uint64_t> shape =
+            vector ? std::vector<std::uint64_t>{std::uint64_t(v.cols())} : std::vector<std::uint64_t>{std::uint64_t(v.rows()), std::uint64_t(v.cols())};
+        if (!detail::is_float_dtype(t.dtype) || t.shape != shape) {
+          problems.push_back(t.name + " is " + shape_string(t.shape) + " " + dtype_name(t.dtype) + ", the model's is " + shape_string(shape));
+          continue;
+        }
+        values.emplace_back(w->second, vector ? Mat<Scalar>(st.vector<Scalar>(t.name).transpose()) : st.matrix<Scalar>(t.name));
+        want.erase(w);
+      }
+      for (const auto& [name, p] : want) problems.push_back(name + " of modules_to_save is not in the file");
+      if (!problems.empty()) detail::fail(where, ": ", detail::join(problems));
+      options.skip_modules_to_save = true;
+      const PeftConfig loaded = lora::load_adapter(dir, self().modules(), options);  // all or nothing itself
+      for (auto& [p, v] : values) p.value = v;
+      for (const auto& n : names)
+        if (std::find(to_save_.begin(), to_save_.end(), n) == to_save_.end()) to_save_.push_back(n);
+      self().discard_training();
+      return loaded;
+    } catch (...) {
+      Derived::each_base_module(self(), [&](const std::string& path, auto& m) {
+        if (std::find(newly.begin(), newly.end(), path) != newly.end()) m.set_trainable(false);
+      });
+      throw;
+    }
   }
   // The trainable tensors with their gradients: the LoRA factors (modules(); a LoRA layer's W and
   // b when its base trains), then the trained base tensors under their checkpoint names.
@@ -117,6 +201,26 @@ class TrainableModules {
   static bool matches(const std::string& path, const std::string& n) {
     return path.size() >= n.size() && path.compare(path.size() - n.size(), n.size(), n) == 0;
   }
+  static bool matches_any(const std::string& path, const std::vector<std::string>& names) {
+    return std::any_of(names.begin(), names.end(), [&](const std::string& n) { return matches(path, n); });
+  }
+  void check_names(const char* fn, const std::vector<std::string>& names) {
+    for (const auto& n : names) {
+      bool found = false;
+      Derived::each_base_module(self(), [&](const std::string& path, auto&) { found = found || matches(path, n); });
+      if (!found) detail::fail(fn, ": no module's path ends with '", n, "'");
+    }
+  }
+  // What PEFT's files can say: no tied head by the name lm_head, no LoRA layer training its base.
+  void check_peft_names(const char* fn, const std::vector<std::string>& names) {
+    if (self().config().tie_word_embeddings && matches_any("lm_head", names))
+      detail::fail(fn, ": lm_head is tied to the embedding; name the embedding (embed_tokens, wte) in modules_to_save");
+    for (const auto& [path, layer] : self().modules())
+      if (layer->base_trainable() || matches_any(path, names))
+        detail::fail(fn, ": ", path, " is a LoRA layer; it cannot also be in modules_to_save");
+  }
+  std::vector<std::string> to_save_;  // the names set_trainable was given (modules_to_save)
+  bool all_base_ = false;             // set_base_trainable(true)
   Derived& self() { return static_cast<Derived&>(*this); }
   const Derived& self() const { return static_cast<const Derived&>(*this); }
 };
