@@ -570,10 +570,28 @@ TEST(Models, MixedAdapterBatchGeneratesAsEachAdapterAlone) {
   EXPECT_LE(relative_error(got.middleRows(4, 4), model.forward(Ids(ids.row(1)))), 1e-12);
   model.modules().enable_adapters(false);
   EXPECT_LE(relative_error(got.bottomRows(4), model.forward(Ids(ids.row(2)))), 1e-12);
+  // An adapter that only some layers have: the others give its rows the base, as in PEFT. Here
+  // "q" is the default adapter's q_proj factors alone, which a model with LoRA on q_proj only
+  // computes.
+  model.modules().enable_adapters(true);
+  for (const auto& [path, layer] : model.modules())
+    if (path.find("q_proj") != std::string::npos) {
+      layer->add_adapter("q", layer->config("default"));
+      layer->set_lora_A("q", layer->lora_A("default"));
+      layer->set_lora_B("q", layer->lora_B("default"));
+    }
+  lora::PeftConfig q_only = config;
+  q_only.target_modules = {"q_proj"};
+  lora::LlamaModel<double> q_model(kLlama, &q_only);
+  lora::LoadOptions loose;
+  loose.strict = false;
+  lora::load_adapter(kLlama + "/adapter", q_model.modules(), loose);
+  const std::vector<std::string> with_q = {"q", "__base__", "b"};
+  EXPECT_LE(relative_error(model.forward(ids, {}, nullptr, &with_q).topRows(4), q_model.forward(Ids(ids.row(0)))), 1e-12);
   g.adapters = {"default"};
   EXPECT_LORA_ERROR(lora::generate(model, prompts, g), "1 adapter names for 3 prompts");
   const std::vector<std::string> unknown = {"default", "c", "b"};
-  EXPECT_LORA_ERROR(model.forward(ids, {}, nullptr, &unknown), "'c'");
+  EXPECT_LORA_ERROR(model.forward(ids, {}, nullptr, &unknown), "no LoRA layer has an adapter 'c'");
 }
 
 // Attention's (sequence, head) pairs run in parallel above a work threshold (this shape is above

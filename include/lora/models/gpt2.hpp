@@ -97,13 +97,14 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
   // the cached ones: only they are computed, attending to the cached ones too, and they are
   // added to the cache. const and thread-safe (a cache belongs to one caller).
   // adapters: one adapter name per sequence ("__base__" for none), a mixed batch served without
-  // merging (LoraLinear::forward(x, names)); null = the active adapters for all.
+  // merging (LoraLinear::forward(x, names)); a layer without that adapter gives those rows the
+  // base, as PEFT does; null = the active adapters for all.
   Mat forward(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {},
               KvCache<Scalar>* cache = nullptr, const std::vector<std::string>* adapters = nullptr) const {
     const LmConfig& c = config_;
     const Index batch = ids.rows(), T = ids.cols(), d = c.hidden_size, past = cache ? cache->length : 0;
     check_token_ids("Gpt2Model::forward", ids, attention_mask, c.vocab_size, c.max_position_embeddings, past);
-    const std::vector<std::string> row_names = adapter_rows("Gpt2Model::forward", adapters, ids.rows(), ids.cols());
+    const std::vector<std::string> row_names = adapter_rows("Gpt2Model::forward", adapters, ids.rows(), ids.cols(), modules_);
     const std::vector<std::string>* rows = adapters ? &row_names : nullptr;
     const lora::Mat<std::int64_t> key_mask = begin_cached_forward("Gpt2Model::forward", cache, ids, attention_mask, int(layers_.size()));
     const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);

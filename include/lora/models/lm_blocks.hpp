@@ -31,6 +31,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -138,9 +139,17 @@ struct Projection {
   Vec<Scalar> grad_b;
 
   // rows: an adapter name per row (a mixed batch, LoraLinear::forward(x, names)); null = the
-  // active adapters for every row.
+  // active adapters for every row. As in PEFT, a row whose adapter this layer lacks gets the base.
   void forward(const MatRef<Scalar>& in, Mat<Scalar>& y, const std::vector<std::string>* rows = nullptr) const {
-    if (lora) return rows ? lora->forward(in, *rows, y) : lora->forward(in, y);
+    if (lora && rows) {
+      if (std::all_of(rows->begin(), rows->end(), [&](const std::string& n) { return n == LoraLinear<Scalar>::kBase || lora->has_adapter(n); }))
+        return lora->forward(in, *rows, y);
+      std::vector<std::string> here = *rows;
+      for (auto& n : here)
+        if (!lora->has_adapter(n)) n = LoraLinear<Scalar>::kBase;
+      return lora->forward(in, here, y);
+    }
+    if (lora) return lora->forward(in, y);
     y.resize(in.rows(), fan_in_fan_out ? w.cols() : w.rows());
     if (fan_in_fan_out)
       y.noalias() = in * w;
@@ -508,12 +517,19 @@ inline void save_pretrained_files(const std::string& out_dir, const std::string&
 }
 
 // A forward's adapter per row (batch·T rows) from one adapter name per sequence; empty when
-// adapters is null. Checked: one name per sequence.
-inline std::vector<std::string> adapter_rows(const char* fn, const std::vector<std::string>* adapters, Index batch, Index T) {
+// adapters is null. Checked: one name per sequence, each "__base__" or an adapter of some layer.
+template <class Scalar>
+std::vector<std::string> adapter_rows(const char* fn, const std::vector<std::string>* adapters, Index batch, Index T,
+                                      const ModuleMap<Scalar>& modules) {
   std::vector<std::string> rows;
   if (!adapters) return rows;
   if (Index(adapters->size()) != batch)
     detail::fail(fn, ": ", adapters->size(), " adapter names for ", batch, " sequences; give one per sequence");
+  for (const auto& name : *adapters) {
+    bool known = name == LoraLinear<Scalar>::kBase;
+    for (const auto& [path, layer] : modules) known = known || layer->has_adapter(name);
+    if (!known) detail::fail(fn, ": no LoRA layer has an adapter '", name, "'");
+  }
   for (const auto& name : *adapters) rows.insert(rows.end(), std::size_t(T), name);
   return rows;
 }
