@@ -41,6 +41,7 @@
 #include <utility>
 #include <filesystem>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace lora {
@@ -339,7 +340,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     } else {
       head_ = projection("lm_head", c.vocab_size, d, false);
     }
-    inv_freq_ = c.rope_inv_freq();
+    inv_freq_ = c.rope_inv_freq(!std::is_same_v<Scalar, double>);
   }
   struct LayerCache {
     Mat h, a1, q, k, v, o, h_mid, a2, gate, up;
@@ -357,17 +358,24 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
 
   static Mat silu(const Mat& x) { return (x.array() / (Scalar(1) + (-x.array()).exp())).matrix(); }
 
-  // cos, sin (batch·T, dh/2) of each token's position and frequency i.
+  // cos, sin (batch·T, dh/2) of each token's position and frequency i. A float model computes
+  // them as transformers does, in float32 (angle = position · inv_freq in float); a double model in
+  // double (transformers keeps float32 tables even in a float64 model: ~1e-7 apart).
   void rope_tables(const lora::Mat<std::int64_t>& pos, Mat& cos, Mat& sin) const {
     const Index half = inv_freq_.size(), T = pos.cols();
     cos.resize(pos.size(), half);
     sin.resize(pos.size(), half);
     for (Index r = 0; r < pos.size(); ++r)
       for (Index i = 0; i < half; ++i) {
-        // transformers computes the angle in float32: position · inv_freq.
-        const float angle = float(pos(r / T, r % T)) * float(inv_freq_[i]);
-        cos(r, i) = Scalar(std::cos(angle));
-        sin(r, i) = Scalar(std::sin(angle));
+        if constexpr (std::is_same_v<Scalar, double>) {
+          const double angle = double(pos(r / T, r % T)) * inv_freq_[i];
+          cos(r, i) = std::cos(angle);
+          sin(r, i) = std::sin(angle);
+        } else {
+          const float angle = float(pos(r / T, r % T)) * float(inv_freq_[i]);
+          cos(r, i) = Scalar(std::cos(angle));
+          sin(r, i) = Scalar(std::sin(angle));
+        }
       }
   }
 
@@ -392,7 +400,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   std::vector<Layer> layers_;
   NormWeights<Scalar> norm_;
   Projection<Scalar> head_;  // unused when tied: the head is embed_
-  lora::Vec<double> inv_freq_;  // float values (rope_inv_freq)
+  lora::Vec<double> inv_freq_;  // rope_inv_freq: float values in a float model
   ModuleMap<Scalar> modules_;
   Train train_;
 };

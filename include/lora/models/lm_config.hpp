@@ -153,13 +153,17 @@ struct LmConfig {
     return c;
   }
 
-  // The rotary embedding's inverse frequencies (head_dim / 2), in float as transformers computes
-  // them: θ^(−2i/dh), rescaled for rope_type "llama3" (long wavelengths divided by factor, a
-  // smooth blend between low_freq_factor and high_freq_factor).
-  Vec<double> rope_inv_freq() const {
+  // The rotary embedding's inverse frequencies (head_dim / 2): θ^(−2i/dh), rescaled for rope_type
+  // "llama3" (long wavelengths divided by factor, a smooth blend between low_freq_factor and
+  // high_freq_factor). With as_float (a float model) rounded to float where transformers computes
+  // in float32; otherwise exact in double (a double model's rotary tables are double throughout).
+  Vec<double> rope_inv_freq(bool as_float = true) const {
     const int half = head_dim / 2;
+    const auto round = [as_float](double x) { return as_float ? double(float(x)) : x; };
     Vec<double> f(half);
-    for (int i = 0; i < half; ++i) f[i] = double(1.0f / std::pow(float(rope_theta), float(2 * i) / float(head_dim)));
+    for (int i = 0; i < half; ++i)
+      f[i] = as_float ? double(1.0f / std::pow(float(rope_theta), float(2 * i) / float(head_dim)))
+                      : 1.0 / std::pow(rope_theta, double(2 * i) / double(head_dim));
     if (rope_type == "llama3") {
       const double pi = 3.14159265358979323846;
       const double low_wavelen = original_max_position_embeddings / low_freq_factor;
@@ -170,9 +174,9 @@ struct LmConfig {
         const bool medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
         if (medium) {
           const double smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-          f[i] = double(float((1 - smooth) * scaled / rope_factor + smooth * scaled));
+          f[i] = round((1 - smooth) * scaled / rope_factor + smooth * scaled);
         } else {
-          f[i] = double(float(scaled));
+          f[i] = round(scaled);
         }
       }
     }

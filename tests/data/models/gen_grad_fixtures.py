@@ -8,10 +8,10 @@ DIR/grads.safetensors:
   (cumsum(mask) - 1), labels (-100 on the pads and on one more token), loss (1,), and per LoRA module
   "<module path>.lora_A" / ".lora_B": the gradient of the loss (transformers' ForCausalLM loss).
 Everything runs in float64 (eager attention), except where transformers' Llama itself computes in
-float32 whatever the model's dtype: RMSNorm and the attention softmax (and the rotary cos/sin, as in
-the C++ model). For Llama folders a second file, grads_f64.safetensors, records the same with those
-two computed in float64 (the rotary tables stay float32), so a double implementation of the same
-math can match it to rounding.
+float32 whatever the model's dtype: RMSNorm, the attention softmax and the rotary inverse frequencies
+and cos/sin tables. For Llama folders a second file, grads_f64.safetensors, records the same with
+all three computed in float64 (transformers' own rope_init functions, run with torch.float meaning
+float64), so a double implementation of the same math can match it to rounding.
 """
 import os, sys, json
 import torch
@@ -46,9 +46,18 @@ def make_gqa1(d):
     pm.save_pretrained(os.path.join(d, "adapter"))
 
 
+class _Float64Torch:
+    """torch, except that torch.float is float64: runs transformers' rope_init code in float64."""
+    float = torch.float64
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
 def float64_llama_islands():
-    """RMSNorm and the eager attention softmax in the input's dtype instead of float32."""
+    """RMSNorm, the eager attention softmax and the rotary tables in float64 instead of float32."""
     import transformers.models.llama.modeling_llama as ml
+    import transformers.modeling_rope_utils as ru
 
     def rms(self, h):
         return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
@@ -62,8 +71,22 @@ def float64_llama_islands():
         w = torch.nn.functional.softmax(w, dim=-1)
         return torch.matmul(w, v).transpose(1, 2).contiguous(), w
 
+    def rope(self, x, position_ids):
+        saved = ml.torch, ru.torch
+        ml.torch = ru.torch = _Float64Torch()
+        try:
+            init = self.compute_default_rope_parameters if self.rope_type == "default" else ru.ROPE_INIT_FUNCTIONS[self.rope_type]
+            inv_freq, scaling = init(self.config, None)
+        finally:
+            ml.torch, ru.torch = saved
+        assert inv_freq.dtype == torch.float64 and x.dtype == torch.float64
+        freqs = position_ids[:, :, None].to(torch.float64) * inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * scaling, emb.sin() * scaling
+
     ml.LlamaRMSNorm.forward = rms
     ml.eager_attention_forward = eager
+    ml.LlamaRotaryEmbedding.forward = rope
 
 
 def record(d, out_name="grads.safetensors"):
