@@ -7,7 +7,13 @@
 // a round times merged, unmerged and mixed decoding back to back, so the ratios compare runs
 // under the same machine load.
 //
-//   bench_lm [--threads N] [--quick] [--only=demo|large]
+// --frozen compares the two ways of holding the frozen weights of a bf16 checkpoint (as real ones
+// ship), with LoRA on q_proj and v_proj (r 8): widened to float on load, or kept in bf16
+// (FrozenWeights::bf16, products in float): heap memory the loaded model holds (glibc's mallinfo2
+// after load minus before), training and decode (unmerged, greedy, 8 sequences) tokens/s, and how far the
+// logits of the two are apart.
+//
+//   bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen]
 #include <lora/loss.hpp>
 #include <lora/models/generate.hpp>
 #include <lora/models/llama.hpp>
@@ -16,6 +22,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <malloc.h>
 #include <string>
 #include <vector>
 
@@ -49,6 +56,42 @@ double seconds(F f) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+Ids random_ids(const Shape& s, lora::detail::Rng& rng) {
+  Ids ids(s.batch, s.T);
+  for (Eigen::Index i = 0; i < ids.size(); ++i) ids.data()[i] = std::int64_t(rng.uniform() * s.vocab) % s.vocab;
+  return ids;
+}
+
+std::vector<std::vector<std::int64_t>> random_prompts(const Shape& s, lora::detail::Rng& rng, int batch) {
+  std::vector<std::vector<std::int64_t>> prompts(batch);
+  for (auto& p : prompts)
+    for (int t = 0; t < 16; ++t) p.push_back(std::int64_t(rng.uniform() * s.vocab) % s.vocab);
+  return prompts;
+}
+
+// forward_train + loss + backward + AdamW, steps of them per round; median tokens/s.
+double train_tokens_per_second(Model& model, const Ids& ids, int rounds, int steps) {
+  lora::AdamW<float> opt;
+  opt.add(model.parameters());
+  std::vector<double> t;
+  for (int r = 0; r < rounds; ++r)
+    t.push_back(seconds([&] {
+      for (int i = 0; i < steps; ++i) {
+        model.zero_grad();
+        model.backward(lora::causal_lm_loss<float>(model.forward_train(ids), ids).grad);
+        opt.step();
+      }
+    }));
+  return double(steps) * double(ids.size()) / median(t);
+}
+
+// Heap bytes in use (mallinfo2: arena chunks in use plus mmapped ones): the delta across a
+// constructor is what the object holds, whatever memory earlier frees left for reuse.
+double heap_bytes() {
+  const struct mallinfo2 m = mallinfo2();
+  return double(m.uordblks) + double(m.hblkhd);
+}
+
 void run(const Shape& s, int rounds, int train_steps, int new_tokens) {
   const lora::LmConfig config = lora::LmConfig::from_json(config_json(s), s.name);
   lora::PeftConfig peft;
@@ -76,26 +119,12 @@ void run(const Shape& s, int rounds, int train_steps, int new_tokens) {
   }
 
   // training
-  Ids ids(s.batch, s.T);
-  for (Eigen::Index i = 0; i < ids.size(); ++i) ids.data()[i] = std::int64_t(rng.uniform() * s.vocab) % s.vocab;
-  lora::AdamW<float> opt;
-  opt.add(model.parameters());
-  std::vector<double> train;
-  for (int r = 0; r < rounds; ++r)
-    train.push_back(seconds([&] {
-      for (int i = 0; i < train_steps; ++i) {
-        model.zero_grad();
-        model.backward(lora::causal_lm_loss<float>(model.forward_train(ids), ids).grad);
-        opt.step();
-      }
-    }));
-  const double train_tps = double(train_steps) * double(ids.size()) / median(train);
+  const Ids ids = random_ids(s, rng);
+  const double train_tps = train_tokens_per_second(model, ids, rounds, train_steps);
 
   // decode
   const int batch = 8;
-  std::vector<std::vector<std::int64_t>> prompts(batch);
-  for (auto& p : prompts)
-    for (int t = 0; t < 16; ++t) p.push_back(std::int64_t(rng.uniform() * s.vocab) % s.vocab);
+  const auto prompts = random_prompts(s, rng, batch);
   lora::GenerationConfig g;
   g.max_new_tokens = new_tokens;
   lora::GenerationConfig mixed = g;
@@ -114,11 +143,56 @@ void run(const Shape& s, int rounds, int train_steps, int new_tokens) {
               s.name, static_cast<long long>(model.base_parameters()), train_tps, m, u, u / m, x, x / m);
 }
 
+
+// Widened vs bf16-held frozen weights of a bf16 checkpoint, LoRA on q_proj, v_proj.
+void frozen(const Shape& s, int rounds, int train_steps, int new_tokens) {
+  const lora::LmConfig config = lora::LmConfig::from_json(config_json(s), s.name);
+  const std::string dir = "/tmp/bench_lm_bf16_" + std::string(s.name);
+  {
+    Model random(config, 1);
+    random.keep_frozen_bf16();  // saved as held: a bf16 checkpoint
+    random.save_pretrained(dir);
+  }
+  lora::PeftConfig peft;
+  peft.r = 8;
+  peft.lora_alpha = 16;
+  peft.target_modules = {"q_proj", "v_proj"};
+  lora::detail::Rng rng(7);
+  const Ids ids = random_ids(s, rng);
+  const auto prompts = random_prompts(s, rng, 8);
+  lora::GenerationConfig g;
+  g.max_new_tokens = new_tokens;
+  lora::Mat<float> logits[2];
+  double bytes[2], train[2], decode[2];
+  for (int k = 0; k < 2; ++k) {
+    const double before = heap_bytes();
+    Model model(dir, &peft, {}, k ? lora::FrozenWeights::bf16 : lora::FrozenWeights::widened);
+    bytes[k] = heap_bytes() - before;
+    lora::detail::Rng init(3);
+    for (const auto& [path, layer] : model.modules()) {
+      lora::Mat<float> b(layer->out_features(), 8);
+      for (Eigen::Index i = 0; i < b.size(); ++i) b.data()[i] = 0.02f * float(init.normal());
+      layer->set_lora_B(b);
+    }
+    logits[k] = model.forward(ids);
+    train[k] = train_tokens_per_second(model, ids, rounds, train_steps);
+    std::vector<double> t;
+    for (int r = 0; r < rounds; ++r) t.push_back(seconds([&] { lora::generate(model, prompts, g); }));
+    decode[k] = double(prompts.size()) * new_tokens / median(t);
+  }
+  const double diff = (logits[1] - logits[0]).norm() / logits[0].norm();
+  std::printf("%-6s frozen weights  widened: %7.1f MB  train %8.0f tok/s  decode %7.0f tok/s\n", s.name, bytes[0] / 1e6, train[0],
+              decode[0]);
+  std::printf("%-6s frozen weights  bf16:    %7.1f MB  train %8.0f tok/s  decode %7.0f tok/s  (memory %.3f, train %.3f, decode %.3f "
+              "of widened; logits %.1e apart)\n",
+              s.name, bytes[1] / 1e6, train[1], decode[1], bytes[1] / bytes[0], train[1] / train[0], decode[1] / decode[0], diff);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
   int threads = 1;
-  bool quick = false;
+  bool quick = false, frozen_weights = false;
   std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -128,15 +202,22 @@ int main(int argc, char** argv) try {
       threads = std::stoi(argv[++i]);
     else if (a == "--quick")
       quick = true;
+    else if (a == "--frozen")
+      frozen_weights = true;
     else if (a.rfind("--only=", 0) == 0)
       only = a.substr(7);
     else
-      lora::detail::fail("unknown argument ", a, " (bench_lm [--threads N] [--quick] [--only=demo|large])");
+      lora::detail::fail("unknown argument ", a, " (bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen])");
   }
   lora::set_num_threads(threads);
   std::printf("bench_lm: %d thread(s); LoRA r 8 on every linear; median of %d rounds (ratios: unmerged or mixed / merged)\n", threads,
               quick ? 1 : 5);
   const Shape demo{"demo", 258, 128, 4, 4, 2, 344, 16, 128}, large{"large", 4096, 1024, 2, 16, 4, 2816, 4, 128};
+  if (frozen_weights) {
+    if (only.empty() || only == "demo") frozen(demo, quick ? 1 : 5, quick ? 1 : 4, quick ? 8 : 64);
+    if (only.empty() || only == "large") frozen(large, quick ? 1 : 5, quick ? 1 : 2, quick ? 8 : 64);
+    return 0;
+  }
   if (only.empty() || only == "demo") run(demo, quick ? 1 : 5, quick ? 1 : 4, quick ? 8 : 64);
   if (only.empty() || only == "large") run(large, quick ? 1 : 5, quick ? 1 : 2, quick ? 8 : 64);
   return 0;

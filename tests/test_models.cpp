@@ -677,3 +677,61 @@ TEST(Models, ModulesToSaveRoundTripThroughAdapterDirectories) {
   gpt2.set_trainable({"lm_head"});
   EXPECT_LORA_ERROR(gpt2.save_adapter(dir.string() + "_gpt2", lora::PeftConfig{}), "lm_head is tied to the embedding");
 }
+
+// Frozen weights kept in bf16 (FrozenWeights::bf16) are the model whose checkpoint was rounded to
+// bf16 and widened on load: save_pretrained writes the held tensors as BF16 (the LoRA layers' W
+// and what trains stay F64), and that folder, read widened, gives the same logits, and the same
+// gradients of the LoRA factors (with the adapter) and of modules trained beside them (widened
+// back when set to train), to rounding.
+template <class Model>
+void check_frozen_bf16(const std::string& dir, const std::string& name, bool adapter, const std::string& frozen_tensor,
+                       const std::string& f64_tensor, const std::vector<std::string>& train) {
+  SCOPED_TRACE(name);
+  const auto config = lora::PeftConfig::read(dir + "/adapter/adapter_config.json");
+  const lora::PeftConfig* lora = adapter ? &config : nullptr;
+  Model held(dir, lora, {}, lora::FrozenWeights::bf16);
+  if (adapter) held.load_adapter(dir + "/adapter");
+  const std::string out = (fs::temp_directory_path() / ("lora_test_models_bf16_" + name)).string();
+  fs::remove_all(out);
+  held.save_pretrained(out);
+  const auto st = lora::SafeTensors::open(out + "/model.safetensors");
+  EXPECT_EQ(st.info(frozen_tensor).dtype, lora::Dtype::BF16);
+  EXPECT_EQ(st.info(f64_tensor).dtype, lora::Dtype::F64);  // a norm, or a LoRA layer's W
+  Model widened(out, lora);
+  if (adapter) widened.load_adapter(dir + "/adapter");
+  EXPECT_EQ(held.base_parameters(), widened.base_parameters());
+  const Ids probe = Ids::Constant(1, 4, 3);
+  EXPECT_GT(relative_error(widened.forward(probe), Model(dir, lora).forward(probe)), 1e-6);  // bf16 rounding shows
+
+  Ids ids(2, 6), mask = Ids::Ones(2, 6);
+  ids << 0, 7, 3, 9, 17, 4, 5, 6, 7, 8, 9, 10;
+  mask(0, 0) = 0;
+  EXPECT_LE(relative_error(held.forward(ids, mask), widened.forward(ids, mask)), 1e-13);
+  for (Model* m : {&held, &widened}) {
+    m->set_trainable(train);
+    m->zero_grad();
+    m->backward(lora::causal_lm_loss<double>(m->forward_train(ids, mask), ids).grad);
+  }
+  const auto a = held.parameters(), b = widened.parameters();
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_GT(a.size(), adapter ? config.target_modules.size() : 1);
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].name, b[i].name);
+    EXPECT_EQ(a[i].value, b[i].value) << a[i].name;
+    EXPECT_GT(a[i].grad.norm(), 0) << a[i].name;
+    EXPECT_LE(relative_error(a[i].grad, b[i].grad), 1e-12) << a[i].name;
+  }
+}
+
+TEST(Models, FrozenWeightsKeptInBf16AreTheRoundedCheckpoint) {
+  // LoRA on every linear but the head; the head and (until it trains) the embedding in bf16.
+  check_frozen_bf16<lora::LlamaModel<double>>(kLlama, "llama", true, "lm_head.weight",
+                                              "model.layers.0.self_attn.q_proj.weight", {"embed_tokens"});
+  // No LoRA: every linear in bf16, the norms' gradients reach through all of them.
+  check_frozen_bf16<lora::LlamaModel<double>>(kLlama, "llama_plain", false, "model.layers.1.mlp.down_proj.weight",
+                                              "model.norm.weight", {"input_layernorm"});
+  check_frozen_bf16<lora::Gpt2Model<double>>(kGpt2, "gpt2", true, "transformer.wte.weight",
+                                             "transformer.h.0.attn.c_attn.weight", {"ln_f"});
+  check_frozen_bf16<lora::Gpt2Model<double>>(kGpt2, "gpt2_plain", false, "transformer.h.1.mlp.c_fc.weight",
+                                             "transformer.ln_f.weight", {"ln_1"});
+}

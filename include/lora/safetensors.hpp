@@ -459,7 +459,8 @@ class SafeTensorsBuilder {
  public:
   // Adds m as dtype, in row-major order. shape defaults to {rows, cols}; any shape with the same
   // number of elements may be given (a bias as {out}, a batch as {batch, T, d}).
-  // Floating matrices convert to F64, F32, F16 or BF16 (rounding to nearest even); integer
+  // Floating matrices (float, double, Eigen::half, Eigen::bfloat16) convert to F64, F32, F16 or
+  // BF16 (rounding to nearest even); integer
   // matrices to any integer dtype whose range holds every value.
   template <class Derived>
   SafeTensorsBuilder& add(const std::string& name, const Eigen::DenseBase<Derived>& m, Dtype dtype,
@@ -477,6 +478,8 @@ class SafeTensorsBuilder {
       for (Index j = 0; j < m.cols(); ++j, ++k) {
         if constexpr (std::is_floating_point_v<T>) {
           store_float(name, dtype, static_cast<double>(m.derived().coeff(i, j)), bytes.data(), k);
+        } else if constexpr (std::is_same_v<T, Eigen::bfloat16> || std::is_same_v<T, Eigen::half>) {
+          store_float(name, dtype, static_cast<double>(static_cast<float>(m.derived().coeff(i, j))), bytes.data(), k);
         } else {
           static_assert(std::is_integral_v<T>, "SafeTensorsBuilder::add: float or integer matrices");
           store_int(name, dtype, static_cast<long double>(m.derived().coeff(i, j)), bytes.data(), k);

@@ -42,11 +42,13 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
 
   // Reads dir/config.json and dir/model.safetensors (or its shards). With lora, every linear it
   // targets becomes a LoraLinear with lora's r and alpha for that path (base supplies the other
-  // LoraConfig fields).
-  explicit Gpt2Model(const std::string& dir, const PeftConfig* lora = nullptr, LoraConfig base = {})
+  // LoraConfig fields). FrozenWeights::bf16 keeps the frozen weights in bf16 (keep_frozen_bf16),
+  // converted as each is read.
+  explicit Gpt2Model(const std::string& dir, const PeftConfig* lora = nullptr, LoraConfig base = {},
+                     FrozenWeights frozen = FrozenWeights::widened)
       : config_(LmConfig::read(dir)) {
     Checkpoint<Scalar> ckpt(dir);
-    build(ckpt, lora, base, dir);
+    build(ckpt, lora, base, dir, frozen);
   }
 
   // A new model of the given config, initialised as transformers does (normal(0, std) matrices,
@@ -62,7 +64,7 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
   // ---- what trains: set_trainable, set_base_trainable, parameters, zero_grad (lm_trainable.hpp)
   // Every parameter of the base model (the tied head counted once).
   Index base_parameters() const {
-    Index n = wte_.w.size() + wpe_.w.size() + 2 * lnf_.gamma.size();
+    Index n = wte_.size() + wpe_.size() + 2 * lnf_.gamma.size();
     for (const Layer& L : layers_) {
       n += 2 * (L.ln1.gamma.size() + L.ln2.gamma.size());
       for (const auto& [name, proj] : Layer::projections(L)) n += proj->size();
@@ -75,16 +77,15 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
   // (in, out) (a LoRA layer's current weight: merge() first to save the merged model).
   void save_pretrained(const std::string& out_dir) const {
     SafeTensorsBuilder b;
-    b.add("transformer.wte.weight", wte_.w);
-    b.add("transformer.wpe.weight", wpe_.w);
+    wte_.save(b, "transformer.wte.weight");
+    wpe_.save(b, "transformer.wpe.weight");
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       const std::string pre = "transformer.h." + std::to_string(l) + ".";
       add_norm(b, pre + "ln_1", L.ln1);
       add_norm(b, pre + "ln_2", L.ln2);
       for (const auto& [name, proj] : Layer::projections(L)) {
-        b.add(pre + name + ".weight", proj->weight());
-        add_vector(b, pre + name + ".bias", proj->bias());
+        proj->save(b, pre + name);
       }
     }
     add_norm(b, "transformer.ln_f", lnf_);
@@ -110,7 +111,10 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
     const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
     Mat h(batch * T, d), a, qkv, q, k, v, o, y, f, g;
     for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.w.row(ids(b, t)) + wpe_.w.row(pos(b, t));
+      for (Index t = 0; t < T; ++t) {
+        wte_.lookup(ids(b, t), h.row(b * T + t));
+        wpe_.add_to(pos(b, t), h.row(b * T + t));
+      }
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       layer_norm(h, L.ln1.gamma, L.ln1.beta, c.rms_norm_eps, a);
@@ -130,8 +134,8 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
     }
     end_cached_forward(cache, ids, attention_mask);
     layer_norm(h, lnf_.gamma, lnf_.beta, c.rms_norm_eps, a);
-    Mat logits(batch * T, c.vocab_size);
-    logits.noalias() = a * wte_.w.transpose();
+    Mat logits;
+    wte_.head(a, logits);
     return logits;
   }
 
@@ -159,7 +163,10 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
     const lora::Mat<std::int64_t>& pos = tr.pos;
     Mat h(batch * T, d), a, qkv, y, g;
     for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) h.row(b * T + t) = wte_.w.row(ids(b, t)) + wpe_.w.row(pos(b, t));
+      for (Index t = 0; t < T; ++t) {
+        wte_.lookup(ids(b, t), h.row(b * T + t));
+        wpe_.add_to(pos(b, t), h.row(b * T + t));
+      }
     tr.layers.resize(layers_.size());
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
@@ -182,7 +189,7 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
     }
     layer_norm_train(h, lnf_.gamma, lnf_.beta, c.rms_norm_eps, tr.a, tr.xhat, tr.inv);
     Mat logits(batch * T, c.vocab_size);
-    logits.noalias() = tr.a * wte_.w.transpose();
+    wte_.head(tr.a, logits);
     tr.valid = true;
     return logits;
   }
@@ -200,7 +207,9 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
                    "run forward_train again");
     tr.valid = false;
     if (wte_.trainable) wte_.grad_w.noalias() += dlogits.transpose() * tr.a;
-    Mat da = dlogits * wte_.w, dh = Mat::Zero(da.rows(), d), dx, df, dq, dk, dv, dqkv(da.rows(), 3 * d);
+    Mat da;
+    wte_.head_backward(dlogits, da);
+    Mat dh = Mat::Zero(da.rows(), d), dx, df, dq, dk, dv, dqkv(da.rows(), 3 * d);
     layer_norm_backward(tr.xhat, tr.inv, lnf_, da, dh);
     const Scalar k0 = Scalar(std::sqrt(2.0 / 3.14159265358979323846)), k1 = Scalar(0.044715);
     for (std::size_t l = layers_.size(); l-- > 0;) {
@@ -270,7 +279,9 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
 
   // Reads every tensor from source (a Checkpoint or RandomWeights).
   template <class Source>
-  void build(Source& src, const PeftConfig* lora, const LoraConfig& base, const std::string& label) {
+  void build(Source& src, const PeftConfig* lora, const LoraConfig& base, const std::string& label,
+             FrozenWeights frozen = FrozenWeights::widened) {
+    const bool bf16 = frozen == FrozenWeights::bf16;
     const LmConfig& c = config_;
     if (c.model_type != "gpt2") detail::fail("Gpt2Model: ", label, ": model_type is \"", c.model_type, "\", expected \"gpt2\"");
     if (!c.tie_word_embeddings) detail::fail("Gpt2Model: ", label, ": tie_word_embeddings false is not supported");
@@ -278,10 +289,16 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
       detail::fail("Gpt2Model: ", label, ": lm_head is tied to transformer.wte; it cannot take LoRA here");
     const Index d = c.hidden_size, ff = c.intermediate_size;
     auto projection = [&](const std::string& path, Index out, Index in) {
-      return load_projection<Scalar>(src, path, out, in, true, true, lora, base, modules_);
+      auto p = load_projection<Scalar>(src, path, out, in, true, true, lora, base, modules_);
+      if (bf16) p.keep_bf16();
+      return p;
     };
     wte_.w = src.matrix("transformer.wte.weight", c.vocab_size, d);
     wpe_.w = src.matrix("transformer.wpe.weight", c.max_position_embeddings, d);
+    if (bf16) {
+      wte_.keep_bf16();
+      wpe_.keep_bf16();
+    }
     for (int i = 0; i < c.num_hidden_layers; ++i) {
       const std::string p = "transformer.h." + std::to_string(i) + ".";
       Layer L;

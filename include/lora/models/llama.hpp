@@ -55,13 +55,15 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
 
   // Reads dir/config.json and dir/model.safetensors (or its shards). With lora, every linear it
   // targets becomes a LoraLinear with lora's r and alpha for that path (base supplies the other
-  // LoraConfig fields).
-  explicit LlamaModel(const std::string& dir, const PeftConfig* lora = nullptr, LoraConfig base = {})
+  // LoraConfig fields). FrozenWeights::bf16 keeps the frozen weights in bf16 (keep_frozen_bf16),
+  // converted as each is read.
+  explicit LlamaModel(const std::string& dir, const PeftConfig* lora = nullptr, LoraConfig base = {},
+                      FrozenWeights frozen = FrozenWeights::widened)
       : config_(LmConfig::read(dir)) {
     if (config_.model_type != "llama")
       detail::fail("LlamaModel: ", dir, ": model_type is \"", config_.model_type, "\", expected \"llama\"");
     Checkpoint<Scalar> ckpt(dir);
-    build(ckpt, lora, base);
+    build(ckpt, lora, base, frozen);
   }
 
   // A new model of the given config, initialised as transformers does (normal(0, std) matrices,
@@ -78,7 +80,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   // ---- what trains: set_trainable, set_base_trainable, parameters, zero_grad (lm_trainable.hpp)
   // Every parameter of the base model (a tied head counted once).
   Index base_parameters() const {
-    Index n = embed_.w.size() + norm_.gamma.size() + (config_.tie_word_embeddings ? 0 : head_.size());
+    Index n = embed_.size() + norm_.gamma.size() + (config_.tie_word_embeddings ? 0 : head_.size());
     for (const Layer& L : layers_) {
       n += L.norm1.gamma.size() + L.norm2.gamma.size();
       for (const auto& [name, proj] : Layer::projections(L)) n += proj->size();
@@ -92,19 +94,18 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   void save_pretrained(const std::string& out_dir) const {
     namespace fs = std::filesystem;
     SafeTensorsBuilder b;
-    b.add("model.embed_tokens.weight", embed_.w);
+    embed_.save(b, "model.embed_tokens.weight");
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       const std::string pre = "model.layers." + std::to_string(l) + ".";
       add_vector(b, pre + "input_layernorm.weight", L.norm1.gamma);
       add_vector(b, pre + "post_attention_layernorm.weight", L.norm2.gamma);
       for (const auto& [name, proj] : Layer::projections(L)) {
-        b.add(pre + name + ".weight", proj->weight());
-        if (proj->bias().size()) add_vector(b, pre + name + ".bias", proj->bias());
+        proj->save(b, pre + name);
       }
     }
     add_vector(b, "model.norm.weight", norm_.gamma);
-    if (!config_.tie_word_embeddings) b.add("lm_head.weight", head_.weight());
+    if (!config_.tie_word_embeddings) head_.save(b, "lm_head");
     save_pretrained_files(out_dir, config_.json, b);
   }
 
@@ -127,7 +128,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
     Mat h(batch * T, c.hidden_size), a, q, k, v, o, g, u, y, cos, sin;
     for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) h.row(b * T + t) = embed_.w.row(ids(b, t));
+      for (Index t = 0; t < T; ++t) embed_.lookup(ids(b, t), h.row(b * T + t));
     rope_tables(pos, cos, sin);
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
@@ -152,7 +153,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     rms_norm(h, norm_.gamma, c.rms_norm_eps, a);
     Mat logits;
     if (c.tie_word_embeddings)
-      logits.noalias() = a * embed_.w.transpose();
+      embed_.head(a, logits);
     else
       head_.forward(a, logits, rows);
     return logits;
@@ -184,7 +185,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     rope_tables(token_positions(batch, T, attention_mask, nullptr), tr.cos, tr.sin);
     Mat h(batch * T, c.hidden_size), y, act;
     for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) h.row(b * T + t) = embed_.w.row(ids(b, t));
+      for (Index t = 0; t < T; ++t) embed_.lookup(ids(b, t), h.row(b * T + t));
     tr.layers.resize(layers_.size());
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
@@ -213,7 +214,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     rms_norm_train(h, norm_.gamma, c.rms_norm_eps, tr.a, tr.r);
     Mat logits;
     if (c.tie_word_embeddings)
-      logits.noalias() = tr.a * embed_.w.transpose();
+      embed_.head(tr.a, logits);
     else
       head_.forward_train(tr.a, logits);
     tr.valid = true;
@@ -233,7 +234,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     tr.valid = false;
     Mat da, dh = Mat::Zero(tr.h.rows(), tr.h.cols()), dx, dq, dk, dv, dgate, dup, dact;
     if (c.tie_word_embeddings) {
-      da.noalias() = dlogits * embed_.w;
+      embed_.head_backward(dlogits, da);
       if (embed_.trainable) embed_.grad_w.noalias() += dlogits.transpose() * tr.a;
     } else {
       head_.backward(dlogits, da);
@@ -312,12 +313,16 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
 
   // Reads every tensor from source (a Checkpoint or RandomWeights).
   template <class Source>
-  void build(Source& src, const PeftConfig* lora, const LoraConfig& base) {
+  void build(Source& src, const PeftConfig* lora, const LoraConfig& base, FrozenWeights frozen = FrozenWeights::widened) {
     const LmConfig& c = config_;
+    const bool bf16 = frozen == FrozenWeights::bf16;
     auto projection = [&](const std::string& path, Index out, Index in, bool bias) {
-      return load_projection<Scalar>(src, path, out, in, bias, false, lora, base, modules_);
+      auto p = load_projection<Scalar>(src, path, out, in, bias, false, lora, base, modules_);
+      if (bf16) p.keep_bf16();
+      return p;
     };
     embed_.w = src.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size);
+    if (bf16) embed_.keep_bf16();
     const Index d = c.hidden_size, q_out = Index(c.num_attention_heads) * c.head_dim, kv_out = Index(c.num_key_value_heads) * c.head_dim;
     for (int i = 0; i < c.num_hidden_layers; ++i) {
       const std::string p = "model.layers." + std::to_string(i) + ".";

@@ -22,6 +22,7 @@
 #include <lora/error.hpp>
 #include <lora/linear.hpp>
 #include <lora/lora_model.hpp>
+#include <lora/models/bf16_weights.hpp>
 #include <lora/models/lm_trainable.hpp>
 #include <lora/module_map.hpp>
 #include <lora/parameter.hpp>
@@ -131,7 +132,8 @@ class Checkpoint {
 template <class Scalar>
 struct Projection {
   std::unique_ptr<LoraLinear<Scalar>> lora;
-  Mat<Scalar> w;  // (out, in), or (in, out) with fan_in_fan_out; empty when lora is set
+  Mat<Scalar> w;  // (out, in), or (in, out) with fan_in_fan_out; empty when lora is set or w16 holds W
+  Bf16Mat w16;    // W kept in bf16 (keep_bf16): products in Scalar (bf16_weights.hpp)
   Vec<Scalar> b;
   bool fan_in_fan_out = false;
   bool trainable = false;  // a plain layer's W and b train
@@ -150,11 +152,18 @@ struct Projection {
       return lora->forward(in, here, y);
     }
     if (lora) return lora->forward(in, y);
-    y.resize(in.rows(), fan_in_fan_out ? w.cols() : w.rows());
-    if (fan_in_fan_out)
+    if (w16.size()) {
+      if (fan_in_fan_out)
+        times(in, w16, y);
+      else
+        times_transposed(in, w16, y);
+    } else if (fan_in_fan_out) {
+      y.resize(in.rows(), w.cols());
       y.noalias() = in * w;
-    else
+    } else {
+      y.resize(in.rows(), w.rows());
       y.noalias() = in * w.transpose();
+    }
     if (b.size()) y.rowwise() += b.transpose();
   }
   // Training: a LoraLinear keeps what its backward needs; a frozen W needs nothing.
@@ -173,6 +182,13 @@ struct Projection {
         grad_w.noalias() += dy.transpose() * x;
       if (b.size()) grad_b += dy.colwise().sum().transpose();
     }
+    if (w16.size()) {
+      if (fan_in_fan_out)
+        times_transposed(dy, w16, dx);
+      else
+        times(dy, w16, dx);
+      return;
+    }
     dx.resize(dy.rows(), fan_in_fan_out ? w.rows() : w.cols());
     if (fan_in_fan_out)
       dx.noalias() = dy * w.transpose();
@@ -180,8 +196,19 @@ struct Projection {
       dx.noalias() = dy * w;
   }
 
+  // A plain frozen W moves to bf16 (a LoRA layer's or a trained one's stays in Scalar).
+  void keep_bf16() {
+    if (lora || trainable || !w.size()) return;
+    w16 = w.template cast<Eigen::bfloat16>();
+    w.resize(0, 0);
+  }
+  // Training a W kept in bf16 widens it first.
   void set_trainable(bool on) {
     if (lora) return lora->set_base_trainable(on);
+    if (on && w16.size()) {
+      w = w16.template cast<Scalar>();
+      w16.resize(0, 0);
+    }
     trainable = on;
     grad_w = on ? Mat<Scalar>::Zero(w.rows(), w.cols()) : Mat<Scalar>();
     grad_b = on ? Vec<Scalar>::Zero(b.size()) : Vec<Scalar>();
@@ -197,10 +224,19 @@ struct Projection {
     grad_w.setZero();
     grad_b.setZero();
   }
-  Index size() const { return lora ? lora->base_parameters() : w.size() + b.size(); }
+  Index size() const { return lora ? lora->base_parameters() : w.size() + w16.size() + b.size(); }
   Index trained() const { return !lora && trainable ? w.size() + b.size() : 0; }  // a LoraLinear's: in its ModuleMap
-  ConstMatMap<Scalar> weight() const { return lora ? lora->weight() : ConstMatMap<Scalar>(w.data(), w.rows(), w.cols()); }
-  const Vec<Scalar>& bias() const { return lora ? lora->bias() : b; }
+  // Adds path.weight (a LoRA layer's current weight; bf16 as it is held) and path.bias to a file.
+  void save(SafeTensorsBuilder& out, const std::string& path) const {
+    if (lora)
+      out.add(path + ".weight", lora->weight());
+    else if (w16.size())
+      out.add(path + ".weight", w16);
+    else
+      out.add(path + ".weight", w);
+    const Vec<Scalar>& bias = lora ? lora->bias() : b;
+    if (bias.size()) out.add(path + ".bias", bias, {std::uint64_t(bias.size())});
+  }
 };
 
 // A new model's weights, as transformers initialises them: matrices normal(0, std), norm gains

@@ -3,6 +3,7 @@
 //
 //   NormWeights        a norm's γ (and β):           dγ, dβ from the norm's backward
 //   EmbeddingWeights   a table E (rows, d):           y = E[ids];  dE[id] += dy of each token
+//                      (frozen, E may be kept in bf16: bf16_weights.hpp)
 //   TrainableModules   what LlamaModel and Gpt2Model offer on top (CRTP): set_trainable(names),
 //                      set_base_trainable, parameters(), zero_grad(), trainable_parameters(), and
 //                      PEFT adapter directories with modules_to_save (save_adapter, load_adapter).
@@ -14,6 +15,7 @@
 #pragma once
 
 #include <lora/error.hpp>
+#include <lora/models/bf16_weights.hpp>
 #include <lora/module_map.hpp>
 #include <lora/parameter.hpp>
 #include <lora/peft.hpp>
@@ -50,15 +52,52 @@ struct NormWeights {
     grad_beta.setZero();
   }
   Index trained() const { return trainable ? gamma.size() + beta.size() : 0; }
+  void keep_bf16() {}  // norms stay in Scalar: d values each
 };
 
 // A token embedding table (vocab, d), frozen or trained: y = W[ids]; dW[id] += dy of each token.
+// Frozen, it may be kept in bf16 (w16; keep_bf16): rows and products are computed in Scalar.
 template <class Scalar>
 struct EmbeddingWeights {
   Mat<Scalar> w, grad_w;
+  Bf16Mat w16;  // the table in bf16, w empty then
   bool trainable = false;
 
+  // dst = W[id] (a row of d values).
+  template <class Row>
+  void lookup(Index id, Row&& dst) const {
+    if (w16.size())
+      widen_row<Scalar>(w16, id, dst);
+    else
+      dst = w.row(id);
+  }
+  // dst += W[id].
+  template <class Row>
+  void add_to(Index id, Row&& dst) const {
+    if (w16.size())
+      for (Index j = 0; j < w16.cols(); ++j) dst(j) += Scalar(static_cast<float>(w16(id, j)));
+    else
+      dst += w.row(id);
+  }
+  // As a tied head: logits = a·Wᵀ (n, vocab), and its backward da = dlogits·W.
+  void head(const MatRef<Scalar>& a, Mat<Scalar>& logits) const {
+    if (w16.size()) return times_transposed(a, w16, logits);
+    logits.noalias() = a * w.transpose();
+  }
+  void head_backward(const MatRef<Scalar>& dlogits, Mat<Scalar>& da) const {
+    if (w16.size()) return times(dlogits, w16, da);
+    da.noalias() = dlogits * w;
+  }
+  void keep_bf16() {
+    if (trainable || !w.size()) return;
+    w16 = w.template cast<Eigen::bfloat16>();
+    w.resize(0, 0);
+  }
   void set_trainable(bool on) {
+    if (on && w16.size()) {
+      w = w16.template cast<Scalar>();
+      w16.resize(0, 0);
+    }
     trainable = on;
     grad_w = on ? Mat<Scalar>::Zero(w.rows(), w.cols()) : Mat<Scalar>();
   }
@@ -66,7 +105,14 @@ struct EmbeddingWeights {
     if (trainable) out.push_back(make_parameter(path + ".weight", w, grad_w));
   }
   void zero_grad() { grad_w.setZero(); }
+  Index size() const { return w.size() + w16.size(); }
   Index trained() const { return trainable ? w.size() : 0; }
+  void save(SafeTensorsBuilder& out, const std::string& name) const {
+    if (w16.size())
+      out.add(name, w16);
+    else
+      out.add(name, w);
+  }
 };
 
 // Derived provides modules() (its ModuleMap), discard_training() (forget a forward_train) and
@@ -87,6 +133,13 @@ class TrainableModules {
     for (const auto& n : names)
       if (std::find(to_save_.begin(), to_save_.end(), n) == to_save_.end()) to_save_.push_back(n);
     self().discard_training();
+  }
+  // Every frozen plain weight (the linears without LoRA, the embeddings, an untied head) moves to
+  // bf16: half the memory, products still computed in Scalar (bf16_weights.hpp). What trains
+  // stays in Scalar, and a module set to train later is widened back. A model read from a
+  // checkpoint with FrozenWeights::bf16 is this, converted tensor by tensor as it loads.
+  void keep_frozen_bf16() {
+    Derived::each_base_module(self(), [&](const std::string&, auto& m) { m.keep_bf16(); });
   }
   // Every base weight trains (on) or none does: full fine-tuning and pre-training.
   void set_base_trainable(bool on) {
