@@ -13,7 +13,8 @@
 // after load minus before), training and decode (unmerged, greedy, 8 sequences) tokens/s, and how far the
 // logits of the two are apart.
 //
-//   bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen]
+//   bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen] [--no-train]
+// (--no-train: decoding only, for profiling it)
 #include <lora/loss.hpp>
 #include <lora/models/generate.hpp>
 #include <lora/models/llama.hpp>
@@ -71,6 +72,7 @@ std::vector<std::vector<std::int64_t>> random_prompts(const Shape& s, lora::deta
 
 // forward_train + loss + backward + AdamW, steps of them per round; median tokens/s.
 double train_tokens_per_second(Model& model, const Ids& ids, int rounds, int steps) {
+  if (steps == 0) return 0;  // --no-train
   lora::AdamW<float> opt;
   opt.add(model.parameters());
   std::vector<double> t;
@@ -192,7 +194,7 @@ void frozen(const Shape& s, int rounds, int train_steps, int new_tokens) {
 
 int main(int argc, char** argv) try {
   int threads = 1;
-  bool quick = false, frozen_weights = false;
+  bool quick = false, frozen_weights = false, no_train = false;
   std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -202,24 +204,26 @@ int main(int argc, char** argv) try {
       threads = std::stoi(argv[++i]);
     else if (a == "--quick")
       quick = true;
+    else if (a == "--no-train")
+      no_train = true;
     else if (a == "--frozen")
       frozen_weights = true;
     else if (a.rfind("--only=", 0) == 0)
       only = a.substr(7);
     else
-      lora::detail::fail("unknown argument ", a, " (bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen])");
+      lora::detail::fail("unknown argument ", a, " (bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen] [--no-train])");
   }
   lora::set_num_threads(threads);
   std::printf("bench_lm: %d thread(s); LoRA r 8 on every linear; median of %d rounds (ratios: unmerged or mixed / merged)\n", threads,
               quick ? 1 : 5);
   const Shape demo{"demo", 258, 128, 4, 4, 2, 344, 16, 128}, large{"large", 4096, 1024, 2, 16, 4, 2816, 4, 128};
   if (frozen_weights) {
-    if (only.empty() || only == "demo") frozen(demo, quick ? 1 : 5, quick ? 1 : 4, quick ? 8 : 64);
-    if (only.empty() || only == "large") frozen(large, quick ? 1 : 5, quick ? 1 : 2, quick ? 8 : 64);
+    if (only.empty() || only == "demo") frozen(demo, quick ? 1 : 5, no_train ? 0 : quick ? 1 : 4, quick ? 8 : 64);
+    if (only.empty() || only == "large") frozen(large, quick ? 1 : 5, no_train ? 0 : quick ? 1 : 2, quick ? 8 : 64);
     return 0;
   }
-  if (only.empty() || only == "demo") run(demo, quick ? 1 : 5, quick ? 1 : 4, quick ? 8 : 64);
-  if (only.empty() || only == "large") run(large, quick ? 1 : 5, quick ? 1 : 2, quick ? 8 : 64);
+  if (only.empty() || only == "demo") run(demo, quick ? 1 : 5, no_train ? 0 : quick ? 1 : 4, quick ? 8 : 64);
+  if (only.empty() || only == "large") run(large, quick ? 1 : 5, no_train ? 0 : quick ? 1 : 2, quick ? 8 : 64);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "bench_lm: %s\n", e.what());

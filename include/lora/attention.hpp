@@ -210,8 +210,7 @@ class LoraAttention {
     c.dK.resize(c.K.rows(), d_);
     c.dV.resize(c.V.rows(), d_);
     const int tasks = static_cast<int>(s.batch) * config_.heads;
-#pragma omp parallel for schedule(static) if (parallel_heads(s))
-    for (int task = 0; task < tasks; ++task) {
+    detail::parallel_for(tasks, parallel_heads(s), [&](int task) {
       const Index b = task / config_.heads;
       const int h = task % config_.heads;
       thread_local Mat dP;  // per thread (T, S)
@@ -225,7 +224,7 @@ class LoraAttention {
       dP = (P.array() * (dP.colwise() - rows).array()) * scale;
       c.dQ.block(b * s.T, h * dh_, s.T, dh_).noalias() = dP * c.K.block(b * s.S, h * dh_, s.S, dh_);
       c.dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.transpose() * c.Q.block(b * s.T, h * dh_, s.T, dh_);
-    }
+    });
     project_backward(Proj::q, c.dQ, g.d_query);
     project_backward(Proj::k, c.dK, g.d_key);
     project_backward(Proj::v, c.dV, g.d_value);
@@ -319,8 +318,7 @@ class LoraAttention {
   // thread uses a (T, S) workspace of its own.
   void attend(const Mat& Q, const Mat& K, const Mat& V, const Shapes& s, const Mask& mask, Mat& O, Mat* P_keep) const {
     const int tasks = static_cast<int>(s.batch) * config_.heads;
-#pragma omp parallel for schedule(static) if (parallel_heads(s))
-    for (int task = 0; task < tasks; ++task) {
+    detail::parallel_for(tasks, parallel_heads(s), [&](int task) {
       const Index b = task / config_.heads;
       const int h = task % config_.heads;
       thread_local Mat P_work;
@@ -328,7 +326,7 @@ class LoraAttention {
       Eigen::Ref<Mat> P = P_keep ? Eigen::Ref<Mat>(P_keep->middleRows(task * s.T, s.T)) : Eigen::Ref<Mat>(P_work);
       attend_probs(Q, K, b, h, s, mask, P);
       O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * V.block(b * s.S, h * dh_, s.S, dh_);
-    }
+    });
   }
 
   // P <- softmax(Q_bh·K_bhᵀ/√dh + mask) by rows, max-subtracted; fully hidden rows are zero.

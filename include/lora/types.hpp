@@ -38,4 +38,32 @@ inline void set_num_threads(int n) {
 
 inline int num_threads() { return Eigen::nbThreads(); }
 
+namespace detail {
+
+// f(i) for i in [0, n): on all threads when parallel (and OpenMP is on), else on this one with no
+// OpenMP region at all. Not `#pragma omp parallel for if (cond)`: with cond false that still
+// opens a team of one, inside which each Eigen GEMM opens a nested team of its own (Eigen only
+// stays serial inside a team of several), ~10× the cost of a small product. Inside the parallel
+// loop Eigen's products run on one thread each. dynamic: schedule(dynamic) for uneven tasks.
+template <class I, class F>
+void parallel_for(I n, bool parallel, F f, bool dynamic = false) {
+#ifdef _OPENMP
+  if (parallel && n > 1 && omp_get_max_threads() > 1) {
+    if (dynamic) {
+#pragma omp parallel for schedule(dynamic)
+      for (I i = 0; i < n; ++i) f(i);
+    } else {
+#pragma omp parallel for schedule(static)
+      for (I i = 0; i < n; ++i) f(i);
+    }
+    return;
+  }
+#endif
+  (void)parallel;
+  (void)dynamic;
+  for (I i = 0; i < n; ++i) f(i);
+}
+
+}  // namespace detail
+
 }  // namespace lora

@@ -46,11 +46,10 @@ void LoraLinear<Scalar>::forward(const MatRef& x, const std::vector<std::string>
   // its own buffers); the base GEMM above used all threads.
   const detail::RowGroups& g = groups;  // thread_locals are per thread: pass the caller's by reference
   const int ng = static_cast<int>(g.nonempty.size());
-#pragma omp parallel for schedule(dynamic) if (ng > 1 && g.rows.size() * std::size_t(in_) >= (1u << 16))
-  for (int k = 0; k < ng; ++k) {
+  detail::parallel_for(ng, ng > 1 && g.rows.size() * std::size_t(in_) >= (1u << 16), [&](int k) {
     const Adapter& a = reg_.all()[g.nonempty[k]];
     detail::add_lora_rows<Scalar>(x, a.A, a.B, a.s, g.rows_of(g.nonempty[k]), g.count(g.nonempty[k]), y);
-  }
+  }, true);
 }
 
 }  // namespace lora

@@ -1,10 +1,13 @@
 // Frozen weights kept in bf16 in memory (half of f32; real checkpoints ship in bf16, so nothing
-// is rounded), with every product computed in Scalar: W is widened a panel of rows at a time into
-// a per-thread buffer of ~256 KiB, so no full-size float copy of W ever exists.
+// is rounded), with every product computed in Scalar: W is widened a panel at a time into a
+// per-thread buffer, so no full-size float copy of W ever exists.
 //
-//   times_transposed:  y = x·Wᵀ   x (n, k), W (m, k) -> y (n, m)   y[:, panel] = x·panelᵀ
-//   times:             y = x·W    x (n, m), W (m, k) -> y (n, k)   y += x[:, panel]·panel
+//   times_transposed:  y = x·Wᵀ   x (n, k), W (m, k) -> y (n, m)   y[:, P] = x·W[P, :]ᵀ   (P: rows of W)
+//   times:             y = x·W    x (n, m), W (m, k) -> y (n, k)   y[:, P] = x·W[:, P]    (P: columns of W)
 //
+// Each panel fills its own columns of y, so panels run in parallel (OpenMP, each GEMM on one
+// thread, the widening too). A panel holds ~256 KiB of Scalar for a few rows of x (decoding: the
+// product is memory-bound and reads half the bytes), ~1 MiB for many (training: larger GEMMs).
 // A linear layer's forward is times_transposed (times when stored (in, out), as GPT-2's Conv1D),
 // its backward dx the other one; the gradient of a frozen W is never formed. Widening bf16 is
 // exact (its bits are a float's top half), so a product differs from the one with the same bf16
@@ -29,37 +32,42 @@ enum class FrozenWeights { widened, bf16 };
 
 namespace detail {
 
-// Rows [r0, r0 + p) of w as Scalar: out (p, w.cols()).
 template <class Scalar>
-void widen_rows(const Bf16Mat& w, Index r0, Index p, Mat<Scalar>& out) {
-  out.resize(p, w.cols());
-  const Eigen::bfloat16* src = w.data() + r0 * w.cols();
-  Scalar* dst = out.data();
-  const Index n = p * w.cols();
-  for (Index i = 0; i < n; ++i) {
-    const std::uint32_t bits = std::uint32_t(Eigen::numext::bit_cast<std::uint16_t>(src[i])) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    dst[i] = Scalar(f);
+Scalar widen(Eigen::bfloat16 v) {
+  const std::uint32_t bits = std::uint32_t(Eigen::numext::bit_cast<std::uint16_t>(v)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return Scalar(f);
+}
+
+// W[r0 : r0 + rows, c0 : c0 + cols] as Scalar into out (rows, cols).
+template <class Scalar>
+void widen_block(const Bf16Mat& w, Index r0, Index c0, Index rows, Index cols, Mat<Scalar>& out) {
+  out.resize(rows, cols);
+  for (Index i = 0; i < rows; ++i) {
+    const Eigen::bfloat16* src = w.data() + (r0 + i) * w.cols() + c0;
+    Scalar* dst = out.data() + i * cols;
+    for (Index j = 0; j < cols; ++j) dst[j] = widen<Scalar>(src[j]);
   }
 }
 
-// Rows per panel: ~256 KiB of Scalar, at least 16.
-template <class Scalar>
-Index panel_rows(const Bf16Mat& w) {
-  const Index bytes = Index(256) * 1024;
-  return std::min<Index>(w.rows(), std::max<Index>(16, bytes / Index(sizeof(Scalar)) / std::max<Index>(1, w.cols())));
-}
-
-// f(r0, panel) for each panel of W's rows [r0, r0 + panel.rows()), widened into a per-thread buffer.
+// f(p0, panel) for panels of W's rows (by_rows) or columns, each [p0, p0 + p) widened into a
+// per-thread buffer; in parallel when the product is large enough.
 template <class Scalar, class F>
-void for_each_panel(const Bf16Mat& w, F f) {
-  thread_local Mat<Scalar> panel;
-  const Index step = panel_rows<Scalar>(w);
-  for (Index r0 = 0; r0 < w.rows(); r0 += step) {
-    widen_rows(w, r0, std::min(step, w.rows() - r0), panel);
-    f(r0, panel);
-  }
+void for_each_panel(const Bf16Mat& w, bool by_rows, Index n, F f) {
+  const Index length = by_rows ? w.rows() : w.cols(), across = by_rows ? w.cols() : w.rows();
+  const Index bytes = n < 32 ? Index(256) << 10 : Index(1) << 20;
+  const Index step = std::min<Index>(length, std::max<Index>(16, bytes / Index(sizeof(Scalar)) / std::max<Index>(1, across)));
+  const Index panels = (length + step - 1) / step;
+  detail::parallel_for(panels, panels > 1 && double(n) * double(w.size()) >= double(1 << 18), [&](Index k) {
+    thread_local Mat<Scalar> panel;
+    const Index p0 = k * step, p = std::min(step, length - p0);
+    if (by_rows)
+      widen_block(w, p0, 0, p, w.cols(), panel);
+    else
+      widen_block(w, 0, p0, w.rows(), p, panel);
+    f(p0, panel);
+  });
 }
 
 }  // namespace detail
@@ -68,24 +76,24 @@ void for_each_panel(const Bf16Mat& w, F f) {
 template <class Scalar>
 void times_transposed(const MatRef<Scalar>& x, const Bf16Mat& w, Mat<Scalar>& y) {
   y.resize(x.rows(), w.rows());
-  detail::for_each_panel<Scalar>(w, [&](Index r0, const Mat<Scalar>& panel) {
-    y.middleCols(r0, panel.rows()).noalias() = x * panel.transpose();
+  detail::for_each_panel<Scalar>(w, true, x.rows(), [&](Index p0, const Mat<Scalar>& panel) {
+    y.middleCols(p0, panel.rows()).noalias() = x * panel.transpose();
   });
 }
 
 // y = x·W: x (n, m), W (m, k) -> y (n, k).
 template <class Scalar>
 void times(const MatRef<Scalar>& x, const Bf16Mat& w, Mat<Scalar>& y) {
-  y.setZero(x.rows(), w.cols());
-  detail::for_each_panel<Scalar>(w, [&](Index r0, const Mat<Scalar>& panel) {
-    y.noalias() += x.middleCols(r0, panel.rows()) * panel;
+  y.resize(x.rows(), w.cols());
+  detail::for_each_panel<Scalar>(w, false, x.rows(), [&](Index p0, const Mat<Scalar>& panel) {
+    y.middleCols(p0, panel.cols()).noalias() = x * panel;
   });
 }
 
 // Row i of W as Scalar into dst (an embedding lookup).
 template <class Scalar, class Row>
 void widen_row(const Bf16Mat& w, Index i, Row&& dst) {
-  for (Index j = 0; j < w.cols(); ++j) dst(j) = Scalar(static_cast<float>(w(i, j)));
+  for (Index j = 0; j < w.cols(); ++j) dst(j) = detail::widen<Scalar>(w(i, j));
 }
 
 }  // namespace lora

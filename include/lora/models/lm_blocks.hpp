@@ -333,8 +333,7 @@ void causal_attention(const Mat<Scalar>& q, const Mat<Scalar>& K, const Mat<Scal
   const Scalar hidden = -std::numeric_limits<Scalar>::infinity();
   o.resize(q.rows(), q.cols());
   const int tasks = int(batch) * heads;
-#pragma omp parallel for schedule(static) if (parallel_attention(tasks, T, S, dh))
-  for (int task = 0; task < tasks; ++task) {
+  detail::parallel_for(tasks, parallel_attention(tasks, T, S, dh), [&](int task) {
     const Index b = task / heads;
     const int h = task % heads;
     const Index kv = h / group;
@@ -356,7 +355,7 @@ void causal_attention(const Mat<Scalar>& q, const Mat<Scalar>& K, const Mat<Scal
       s.row(i) /= s.row(i).sum();
     }
     o.block(b * T, h * dh, T, dh).noalias() = s * V.block(b * stride, kv * dh, S, dh);
-  }
+  });
 }
 
 // Backward of causal_attention without a cache (past 0), from the probabilities it kept:
@@ -374,8 +373,7 @@ void causal_attention_backward(const Mat<Scalar>& q, const Mat<Scalar>& k, const
   dv = Mat<Scalar>::Zero(v.rows(), v.cols());
   // One task per (sequence, kv head): it alone writes that kv head's dK, dV blocks.
   const int tasks = int(batch) * kv_heads;
-#pragma omp parallel for schedule(static) if (parallel_attention(int(batch) * heads, T, T, dh))
-  for (int task = 0; task < tasks; ++task) {
+  detail::parallel_for(tasks, parallel_attention(int(batch) * heads, T, T, dh), [&](int task) {
     const Index b = task / kv_heads, kv = task % kv_heads;
     thread_local Mat<Scalar> dp;
     for (int h = int(kv) * group; h < int(kv + 1) * group; ++h) {
@@ -387,7 +385,7 @@ void causal_attention_backward(const Mat<Scalar>& q, const Mat<Scalar>& k, const
       dq.block(b * T, h * dh, T, dh).noalias() = scale * dp * k.block(b * T, kv * dh, T, dh);
       dk.block(b * T, kv * dh, T, dh).noalias() += scale * dp.transpose() * q.block(b * T, h * dh, T, dh);
     }
-  }
+  });
 }
 
 // A forward's keys and values at layer l: the new tokens' k, v (batch·T, width) alone, or the
