@@ -214,8 +214,12 @@ int main(int argc, char** argv) try {
       lora::detail::fail("unknown argument ", a, " (bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen] [--no-train])");
   }
   lora::set_num_threads(threads);
-  std::printf("bench_lm: %d thread(s); LoRA r 8 on every linear; median of %d rounds (ratios: unmerged or mixed / merged)\n", threads,
-              quick ? 1 : 5);
+  if (frozen_weights)
+    std::printf("bench_lm --frozen: %d thread(s); a bf16 checkpoint, LoRA r 8 on q_proj and v_proj; frozen weights widened to float "
+                "or kept in bf16; median of %d rounds\n", threads, quick ? 1 : 5);
+  else
+    std::printf("bench_lm: %d thread(s); LoRA r 8 on every linear; median of %d rounds (ratios: unmerged or mixed / merged)\n",
+                threads, quick ? 1 : 5);
   const Shape demo{"demo", 258, 128, 4, 4, 2, 344, 16, 128}, large{"large", 4096, 1024, 2, 16, 4, 2816, 4, 128};
   if (frozen_weights) {
     if (only.empty() || only == "demo") frozen(demo, quick ? 1 : 5, no_train ? 0 : quick ? 1 : 4, quick ? 8 : 64);

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace lora {
 
@@ -40,19 +41,19 @@ Scalar widen(Eigen::bfloat16 v) {
   return Scalar(f);
 }
 
-// W[r0 : r0 + rows, c0 : c0 + cols] as Scalar into out (rows, cols).
+// W[r0 : r0 + rows, c0 : c0 + cols] as Scalar into out (rows·cols values, row-major).
 template <class Scalar>
-void widen_block(const Bf16Mat& w, Index r0, Index c0, Index rows, Index cols, Mat<Scalar>& out) {
-  out.resize(rows, cols);
+void widen_block(const Bf16Mat& w, Index r0, Index c0, Index rows, Index cols, Scalar* out) {
   for (Index i = 0; i < rows; ++i) {
     const Eigen::bfloat16* src = w.data() + (r0 + i) * w.cols() + c0;
-    Scalar* dst = out.data() + i * cols;
+    Scalar* dst = out + i * cols;
     for (Index j = 0; j < cols; ++j) dst[j] = widen<Scalar>(src[j]);
   }
 }
 
 // f(p0, panel) for panels of W's rows (by_rows) or columns, each [p0, p0 + p) widened into a
-// per-thread buffer; in parallel when the product is large enough.
+// per-thread buffer that only grows (no allocation per call); in parallel when the product is
+// large enough.
 template <class Scalar, class F>
 void for_each_panel(const Bf16Mat& w, bool by_rows, Index n, F f) {
   const Index length = by_rows ? w.rows() : w.cols(), across = by_rows ? w.cols() : w.rows();
@@ -60,13 +61,12 @@ void for_each_panel(const Bf16Mat& w, bool by_rows, Index n, F f) {
   const Index step = std::min<Index>(length, std::max<Index>(16, bytes / Index(sizeof(Scalar)) / std::max<Index>(1, across)));
   const Index panels = (length + step - 1) / step;
   detail::parallel_for(panels, panels > 1 && double(n) * double(w.size()) >= double(1 << 18), [&](Index k) {
-    thread_local Mat<Scalar> panel;
+    thread_local std::vector<Scalar> buffer;
     const Index p0 = k * step, p = std::min(step, length - p0);
-    if (by_rows)
-      widen_block(w, p0, 0, p, w.cols(), panel);
-    else
-      widen_block(w, 0, p0, w.rows(), p, panel);
-    f(p0, panel);
+    if (buffer.size() < std::size_t(p * across)) buffer.resize(std::size_t(p * across));
+    const Index rows = by_rows ? p : w.rows(), cols = by_rows ? w.cols() : p;
+    widen_block(w, by_rows ? p0 : 0, by_rows ? 0 : p0, rows, cols, buffer.data());
+    f(p0, ConstMatMap<Scalar>(buffer.data(), rows, cols));
   });
 }
 
@@ -76,7 +76,7 @@ void for_each_panel(const Bf16Mat& w, bool by_rows, Index n, F f) {
 template <class Scalar>
 void times_transposed(const MatRef<Scalar>& x, const Bf16Mat& w, Mat<Scalar>& y) {
   y.resize(x.rows(), w.rows());
-  detail::for_each_panel<Scalar>(w, true, x.rows(), [&](Index p0, const Mat<Scalar>& panel) {
+  detail::for_each_panel<Scalar>(w, true, x.rows(), [&](Index p0, const ConstMatMap<Scalar>& panel) {
     y.middleCols(p0, panel.rows()).noalias() = x * panel.transpose();
   });
 }
@@ -85,7 +85,7 @@ void times_transposed(const MatRef<Scalar>& x, const Bf16Mat& w, Mat<Scalar>& y)
 template <class Scalar>
 void times(const MatRef<Scalar>& x, const Bf16Mat& w, Mat<Scalar>& y) {
   y.resize(x.rows(), w.cols());
-  detail::for_each_panel<Scalar>(w, false, x.rows(), [&](Index p0, const Mat<Scalar>& panel) {
+  detail::for_each_panel<Scalar>(w, false, x.rows(), [&](Index p0, const ConstMatMap<Scalar>& panel) {
     y.middleCols(p0, panel.cols()).noalias() = x * panel;
   });
 }
