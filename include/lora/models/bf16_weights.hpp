@@ -90,6 +90,34 @@ void times(const MatRef<Scalar>& x, const Bf16Mat& w, Mat<Scalar>& y) {
   });
 }
 
+// A frozen W held in Scalar (w) or in bf16 (w16, the other empty): the products above from
+// whichever holds it, and the moves between the two (Projection and EmbeddingWeights use these).
+template <class Scalar>
+void to_bf16(Mat<Scalar>& w, Bf16Mat& w16) {
+  w16 = w.template cast<Eigen::bfloat16>();
+  w.resize(0, 0);
+}
+template <class Scalar>
+void widen_back(Bf16Mat& w16, Mat<Scalar>& w) {
+  if (!w16.size()) return;
+  w = w16.template cast<Scalar>();
+  w16.resize(0, 0);
+}
+// y = x·Wᵀ.
+template <class Scalar>
+void times_transposed(const MatRef<Scalar>& x, const Mat<Scalar>& w, const Bf16Mat& w16, Mat<Scalar>& y) {
+  if (w16.size()) return times_transposed(x, w16, y);
+  y.resize(x.rows(), w.rows());
+  y.noalias() = x * w.transpose();
+}
+// y = x·W.
+template <class Scalar>
+void times(const MatRef<Scalar>& x, const Mat<Scalar>& w, const Bf16Mat& w16, Mat<Scalar>& y) {
+  if (w16.size()) return times(x, w16, y);
+  y.resize(x.rows(), w.cols());
+  y.noalias() = x * w;
+}
+
 // Row i of W as Scalar into dst (an embedding lookup).
 template <class Scalar, class Row>
 void widen_row(const Bf16Mat& w, Index i, Row&& dst) {

@@ -152,18 +152,10 @@ struct Projection {
       return lora->forward(in, here, y);
     }
     if (lora) return lora->forward(in, y);
-    if (w16.size()) {
-      if (fan_in_fan_out)
-        times(in, w16, y);
-      else
-        times_transposed(in, w16, y);
-    } else if (fan_in_fan_out) {
-      y.resize(in.rows(), w.cols());
-      y.noalias() = in * w;
-    } else {
-      y.resize(in.rows(), w.rows());
-      y.noalias() = in * w.transpose();
-    }
+    if (fan_in_fan_out)
+      times(in, w, w16, y);
+    else
+      times_transposed(in, w, w16, y);
     if (b.size()) y.rowwise() += b.transpose();
   }
   // Training: a LoraLinear keeps what its backward needs; a frozen W needs nothing.
@@ -182,33 +174,20 @@ struct Projection {
         grad_w.noalias() += dy.transpose() * x;
       if (b.size()) grad_b += dy.colwise().sum().transpose();
     }
-    if (w16.size()) {
-      if (fan_in_fan_out)
-        times_transposed(dy, w16, dx);
-      else
-        times(dy, w16, dx);
-      return;
-    }
-    dx.resize(dy.rows(), fan_in_fan_out ? w.rows() : w.cols());
     if (fan_in_fan_out)
-      dx.noalias() = dy * w.transpose();
+      times_transposed(dy, w, w16, dx);
     else
-      dx.noalias() = dy * w;
+      times(dy, w, w16, dx);
   }
 
   // A plain frozen W moves to bf16 (a LoRA layer's or a trained one's stays in Scalar).
   void keep_bf16() {
-    if (lora || trainable || !w.size()) return;
-    w16 = w.template cast<Eigen::bfloat16>();
-    w.resize(0, 0);
+    if (!lora && !trainable && w.size()) to_bf16(w, w16);
   }
   // Training a W kept in bf16 widens it first.
   void set_trainable(bool on) {
     if (lora) return lora->set_base_trainable(on);
-    if (on && w16.size()) {
-      w = w16.template cast<Scalar>();
-      w16.resize(0, 0);
-    }
+    if (on) widen_back(w16, w);
     trainable = on;
     grad_w = on ? Mat<Scalar>::Zero(w.rows(), w.cols()) : Mat<Scalar>();
     grad_b = on ? Vec<Scalar>::Zero(b.size()) : Vec<Scalar>();

@@ -75,29 +75,18 @@ struct EmbeddingWeights {
   template <class Row>
   void add_to(Index id, Row&& dst) const {
     if (w16.size())
-      for (Index j = 0; j < w16.cols(); ++j) dst(j) += Scalar(static_cast<float>(w16(id, j)));
+      for (Index j = 0; j < w16.cols(); ++j) dst(j) += detail::widen<Scalar>(w16(id, j));
     else
       dst += w.row(id);
   }
   // As a tied head: logits = a·Wᵀ (n, vocab), and its backward da = dlogits·W.
-  void head(const MatRef<Scalar>& a, Mat<Scalar>& logits) const {
-    if (w16.size()) return times_transposed(a, w16, logits);
-    logits.noalias() = a * w.transpose();
-  }
-  void head_backward(const MatRef<Scalar>& dlogits, Mat<Scalar>& da) const {
-    if (w16.size()) return times(dlogits, w16, da);
-    da.noalias() = dlogits * w;
-  }
+  void head(const MatRef<Scalar>& a, Mat<Scalar>& logits) const { times_transposed(a, w, w16, logits); }
+  void head_backward(const MatRef<Scalar>& dlogits, Mat<Scalar>& da) const { times(dlogits, w, w16, da); }
   void keep_bf16() {
-    if (trainable || !w.size()) return;
-    w16 = w.template cast<Eigen::bfloat16>();
-    w.resize(0, 0);
+    if (!trainable && w.size()) to_bf16(w, w16);
   }
   void set_trainable(bool on) {
-    if (on && w16.size()) {
-      w = w16.template cast<Scalar>();
-      w16.resize(0, 0);
-    }
+    if (on) widen_back(w16, w);
     trainable = on;
     grad_w = on ? Mat<Scalar>::Zero(w.rows(), w.cols()) : Mat<Scalar>();
   }
