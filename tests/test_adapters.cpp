@@ -1,3 +1,5 @@
+#include "svd_once.hpp"  // first: the SVDs are instantiated once, in svd_once.cpp
+
 // Named adapters in one LoraLinear: adding, selecting, summing, training only the active ones,
 // hot-swapping with exact merges, mixed-batch serving, and the errors for bad names. PEFT's
 // multi_adapter fixture (y_mixed, w_cat/w_linear/w_svd) is checked by fixture_check under ctest.

@@ -1,3 +1,5 @@
+#include "svd_once.hpp"  // first: the SVDs are instantiated once, in svd_once.cpp
+
 #include <lora/combine.hpp>
 #include <lora/safetensors.hpp>
 

@@ -81,28 +81,28 @@ TEST(Encoder, FreshAdaptersChangeNothing) {
 }
 
 TEST(Encoder, LoraTrainingLeavesBaseWeightsUnchangedAndMergeAgrees) {
-  EncoderBlock<float> block(16, [] {
+  EncoderBlock<double> block(16, [] {
     auto c = make_config({"q_proj", "v_proj", "fc1", "fc2"}, 0);
     c.heads = 4;
     c.lora.dropout = 0.1;
     return c;
   }());
-  const lora::Mat<float> W0 = block.fc1().weight(), Q0 = block.attention().lora("q_proj")->weight();
-  const lora::Mat<float> x = random_uniform(8, 16, 1).cast<float>(), target = random_uniform(8, 16, 2).cast<float>();
+  const MatD W0 = block.fc1().weight(), Q0 = block.attention().lora("q_proj")->weight();
+  const MatD x = random_uniform(8, 16, 1), target = random_uniform(8, 16, 2);
   double first = 0, last = 0;
   for (int step = 0; step < 50; ++step) {
-    const lora::Mat<float> err = block.forward_train(x, 2) - target;
+    const MatD err = block.forward_train(x, 2) - target;
     (step == 0 ? first : last) = err.squaredNorm() / err.size();
     block.zero_grad();
-    block.backward(2.0f / err.size() * err);  // mean squared error
-    for (auto& p : block.parameters()) p.value -= 0.2f * p.grad;
+    block.backward(2.0 / err.size() * err);  // mean squared error
+    for (auto& p : block.parameters()) p.value -= 0.2 * p.grad;
   }
   EXPECT_LT(last, 0.9 * first);  // LoRA alone fits part of the target
   EXPECT_EQ(block.fc1().weight(), W0);
   EXPECT_EQ(block.attention().lora("q_proj")->weight(), Q0);
-  const lora::Mat<float> y = block.forward(x, 2);
+  const MatD y = block.forward(x, 2);
   block.merge();
-  EXPECT_LE((block.forward(x, 2) - y).cwiseAbs().maxCoeff(), 1e-5f * y.cwiseAbs().maxCoeff());
+  EXPECT_LE((block.forward(x, 2) - y).cwiseAbs().maxCoeff(), 1e-12 * y.cwiseAbs().maxCoeff());
   block.unmerge();
 }
 

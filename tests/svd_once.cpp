@@ -1,0 +1,4 @@
+#include "svd_once.hpp"
+
+template class Eigen::BDCSVD<Eigen::MatrixXd>;
+template class Eigen::JacobiSVD<Eigen::MatrixXd>;
