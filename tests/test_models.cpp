@@ -129,6 +129,22 @@ TEST(Models, SamplingIsSeededAndStopsAtStopTokens) {
   EXPECT_LORA_ERROR(lora::generate(model, {std::vector<std::int64_t>(60, 1)}, greedy), "exceed max_position_embeddings 64");
 }
 
+// Two sequences of 6 tokens, the first left-padded by one, with -100 labels (the pad's, one more in
+// each sequence): the batch the finite-difference checks run.
+namespace {
+struct Batch {
+  Ids ids, mask, labels;
+};
+Batch padded_batch() {
+  Batch b{Ids(2, 6), Ids::Ones(2, 6), Ids()};
+  b.ids << 0, 7, 3, 9, 17, 4, 5, 6, 7, 8, 9, 10;
+  b.mask(0, 0) = 0;
+  b.labels = b.ids;
+  b.labels(0, 0) = b.labels(0, 1) = b.labels(1, 3) = -100;
+  return b;
+}
+}  // namespace
+
 // Gradients of the LoRA factors through a whole model (padding, -100 labels) against central
 // differences of causal_lm_loss, in double, for the listed modules (3 entries of A and of B each).
 template <class Model>
@@ -136,11 +152,8 @@ void check_gradients(const std::string& dir, const std::vector<std::string>& mod
   const auto config = lora::PeftConfig::read(dir + "/adapter/adapter_config.json");
   Model model(dir, &config);
   lora::load_adapter(dir + "/adapter", model.modules());  // B != 0, so A gets gradients too
-  Ids ids(2, 6), mask = Ids::Ones(2, 6);
-  ids << 0, 7, 3, 9, 17, 4, 5, 6, 7, 8, 9, 10;
-  mask(0, 0) = 0;
-  Ids labels = ids;
-  labels(0, 0) = labels(0, 1) = labels(1, 3) = -100;
+  const Batch batch = padded_batch();
+  const Ids &ids = batch.ids, &mask = batch.mask, &labels = batch.labels;
   auto loss = [&] { return lora::causal_lm_loss<double>(model.forward(ids, mask), labels).loss; };
   model.modules().zero_grad();
   const auto r = lora::causal_lm_loss<double>(model.forward_train(ids, mask), labels);
@@ -380,11 +393,8 @@ namespace {
 // (padding, -100 labels, double): per tensor its largest-gradient entry and one other.
 template <class Model>
 void check_parameter_gradients(Model& model) {
-  Ids ids(2, 6), mask = Ids::Ones(2, 6);
-  ids << 0, 7, 3, 9, 17, 4, 5, 6, 7, 8, 9, 10;
-  mask(0, 0) = 0;
-  Ids labels = ids;
-  labels(0, 0) = labels(0, 1) = labels(1, 3) = -100;
+  const Batch batch = padded_batch();
+  const Ids &ids = batch.ids, &mask = batch.mask, &labels = batch.labels;
   auto loss = [&] { return lora::causal_lm_loss<double>(model.forward(ids, mask), labels).loss; };
   model.zero_grad();
   model.backward(lora::causal_lm_loss<double>(model.forward_train(ids, mask), labels).grad);

@@ -188,7 +188,7 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
       h += y;
     }
     layer_norm_train(h, lnf_.gamma, lnf_.beta, c.rms_norm_eps, tr.a, tr.xhat, tr.inv);
-    Mat logits(batch * T, c.vocab_size);
+    Mat logits;
     wte_.head(tr.a, logits);
     tr.valid = true;
     return logits;
