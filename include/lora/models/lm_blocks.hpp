@@ -320,18 +320,21 @@ void causal_attention(const Mat<Scalar>& q, const Mat<Scalar>& K, const Mat<Scal
     Mat<Scalar>& s = probs ? (*probs)[std::size_t(task)] : work;
     s.resize(T, S);
     s.noalias() = q.block(b * T, h * dh, T, dh) * K.block(b * stride, kv * dh, S, dh).transpose() * scale;
+    const bool padded = key_mask.size() && (key_mask.row(b).array() == 0).any();
     for (Index i = 0; i < T; ++i) {
-      Scalar mx = hidden;
-      for (Index j = 0; j < S; ++j) {
-        if (j > past + i || (key_mask.size() && key_mask(b, j) == 0)) s(i, j) = hidden;
-        mx = std::max(mx, s(i, j));
-      }
+      const Index seen = past + i + 1;  // query i sees keys 0 .. past + i; later ones get p = 0
+      auto p = s.row(i).head(seen);
+      s.row(i).tail(S - seen).setZero();
+      if (padded)
+        for (Index j = 0; j < seen; ++j)
+          if (key_mask(b, j) == 0) p(j) = hidden;
+      const Scalar mx = p.maxCoeff();
       if (mx == hidden) {
-        s.row(i).setZero();
+        p.setZero();
         continue;
       }
-      s.row(i) = (s.row(i).array() - mx).exp().matrix();
-      s.row(i) /= s.row(i).sum();
+      p = (p.array() - mx).exp().matrix();
+      p /= p.sum();
     }
     o.block(b * T, h * dh, T, dh).noalias() = s * V.block(b * stride, kv * dh, S, dh);
   });
