@@ -353,7 +353,10 @@ class LoraLinear {
     for (std::size_t k = 0; k < active.size(); ++k) {
       Adapter& a = adapter(active[k]);
       AdapterCache& ac = c.adapters[k];
-      a.grad_B.noalias() += a.s * e.transpose() * ac.t;
+      // dBᵀ (r, out) = s·tᵀ·dy, then added transposed: Eigen blocks a product's result columns by
+      // 3 packets, so the (out, r) form, with r = 8 columns, ran at a third of the kernel's width.
+      ac.dbt.noalias() = a.s * ac.t.transpose() * e;
+      a.grad_B += ac.dbt.transpose();
       ac.g.noalias() = a.s * e * a.B;
       if (a.config.dropout > 0) {
         a.grad_A.noalias() += ac.g.transpose() * ac.xd;
@@ -470,6 +473,7 @@ class LoraLinear {
   // What backward needs from forward_train. adapters[k] belongs to the k-th trained adapter.
   struct AdapterCache {
     Mat xd, mask, t, g;  // drop(x) (n, in), its mask (p > 0), t = xd·Aᵀ (n, r); g = s·dy·B (backward's)
+    Mat dbt;             // backward's dBᵀ (r, out)
     Mat z, d;            // DoRA: x·Wᵀ + s·t·Bᵀ, and dy ⊙ c
     Vec norm, c;         // DoRA: ‖W + s·B·A‖ per row, m / norm
   };
