@@ -10,6 +10,14 @@
 #include <omp.h>
 #endif
 
+// The GEMM library CMake linked (LORA_BLAS, cmake/lora_blas.cmake): Eigen hands it float and
+// double products (EIGEN_USE_BLAS); its thread count follows set_num_threads below.
+#if defined(LORA_BLAS_OPENBLAS)
+extern "C" void openblas_set_num_threads(int);
+#elif defined(LORA_BLAS_BLIS)
+extern "C" void bli_thread_set_num_threads(long);
+#endif
+
 namespace lora {
 
 using Index = Eigen::Index;
@@ -27,14 +35,28 @@ using MatMap = Eigen::Map<Mat<Scalar>>;
 template <class Scalar>
 using ConstMatMap = Eigen::Map<const Mat<Scalar>>;
 
-// Threads used by Eigen's GEMMs (OpenMP). n <= 0 restores the default (all cores).
+// Threads used by the products (Eigen's or the BLAS's) and the library's parallel loops (OpenMP).
+// n <= 0 restores the default (all cores).
 inline void set_num_threads(int n) {
 #ifdef _OPENMP
   if (n <= 0) n = omp_get_num_procs();
   omp_set_num_threads(n);
 #endif
   Eigen::setNbThreads(n <= 0 ? 0 : n);
+#if defined(LORA_BLAS_OPENBLAS)
+  openblas_set_num_threads(Eigen::nbThreads());
+#elif defined(LORA_BLAS_BLIS)
+  bli_thread_set_num_threads(Eigen::nbThreads());
+#endif
 }
+
+#if defined(LORA_BLAS_BLIS)
+namespace detail {
+// BLIS runs one thread unless told otherwise; start it at the library's default (all cores, or
+// OMP_NUM_THREADS), as OpenBLAS's OpenMP build and Eigen do. Once per program.
+inline const bool blis_threads_set = (bli_thread_set_num_threads(Eigen::nbThreads()), true);
+}  // namespace detail
+#endif
 
 inline int num_threads() { return Eigen::nbThreads(); }
 
