@@ -36,6 +36,7 @@
 #include <lora/detail/adapter_registry.hpp>
 #include <lora/detail/dora.hpp>
 #include <lora/detail/row_groups.hpp>
+#include <lora/detail/thin_products.hpp>
 #include <lora/detail/weight_storage.hpp>
 #include <lora/dropout.hpp>
 #include <lora/error.hpp>
@@ -241,14 +242,13 @@ class LoraLinear {
     check_input("forward", x);
     check_no_alias("forward", "Y", y, "X", x);
     y.resize(x.rows(), out_);
-    init_with_bias(y);
-    add_base(x, y);
+    base(x, y);
     if (disabled_) return;
     thread_local Mat t;
     for (const std::string& name : reg_.active()) {
       if (reg_.is_merged(name)) continue;
       const Adapter& a = adapter(name);
-      t.noalias() = x * a.A.transpose();
+      detail::rank_cols_t<Scalar>(t, Scalar(1), x, a.A);
       y.noalias() += a.s * t * a.B.transpose();
       if (a.config.use_dora) rescale(y, a.m.cwiseQuotient(norm_of(a)));
     }
@@ -294,8 +294,7 @@ class LoraLinear {
     for (const std::string& name : active) keep_x = keep_x || adapter(name).config.dropout == 0;
     if (keep_x) c.x = x;
     y.resize(x.rows(), out_);
-    init_with_bias(y);
-    add_base(x, y);
+    base(x, y);
     c.adapters.resize(active.size());
     for (std::size_t k = 0; k < active.size(); ++k) {
       Adapter& a = adapter(active[k]);
@@ -304,7 +303,7 @@ class LoraLinear {
         dropout_mask(ac.mask, x.rows(), in_, a.config.dropout, a.rng);
         ac.xd = x.cwiseProduct(ac.mask);
       }
-      ac.t.noalias() = (a.config.dropout > 0 ? MatRef(ac.xd) : x) * a.A.transpose();
+      detail::rank_cols_t<Scalar>(ac.t, Scalar(1), a.config.dropout > 0 ? MatRef(ac.xd) : x, a.A);
       y.noalias() += a.s * ac.t * a.B.transpose();
       if (a.config.use_dora) {  // the only active adapter
         ac.norm = norm_of(a);
@@ -353,17 +352,17 @@ class LoraLinear {
     for (std::size_t k = 0; k < active.size(); ++k) {
       Adapter& a = adapter(active[k]);
       AdapterCache& ac = c.adapters[k];
-      // dBᵀ (r, out) = s·tᵀ·dy, then added transposed: Eigen blocks a product's result columns by
-      // 3 packets, so the (out, r) form, with r = 8 columns, ran at a third of the kernel's width.
-      ac.dbt.noalias() = a.s * ac.t.transpose() * e;
+      // dBᵀ (r, out) = s·tᵀ·dy, then added transposed; the thin products in
+      // detail/thin_products.hpp's kernels.
+      detail::rank_rows<Scalar>(ac.dbt, a.s, ac.t, e, Scalar(0));
       a.grad_B += ac.dbt.transpose();
-      ac.g.noalias() = a.s * e * a.B;
+      detail::rank_cols<Scalar>(ac.g, a.s, e, a.B);
       if (a.config.dropout > 0) {
-        a.grad_A.noalias() += ac.g.transpose() * ac.xd;
+        detail::rank_rows<Scalar>(a.grad_A, Scalar(1), ac.g, ac.xd, Scalar(1));
         ac.xd.noalias() = ac.g * a.A;  // xd is no longer needed: reuse it for g·A
         dx += ac.mask.cwiseProduct(ac.xd);
       } else {
-        a.grad_A.noalias() += ac.g.transpose() * c.x;
+        detail::rank_rows<Scalar>(a.grad_A, Scalar(1), ac.g, c.x, Scalar(1));
         dx.noalias() += ac.g * a.A;
       }
     }
@@ -589,18 +588,19 @@ class LoraLinear {
   }
 
   // y <- b broadcast (or 0). Eigen's GEMM accumulates, so this costs what setZero would.
-  void init_with_bias(Mat& y) const {
-    if (has_bias_)
+  // y = x·Wᵀ + b; without a bias the product writes y directly (no pass that zeroes it first).
+  void base(const MatRef& x, Mat& y) const {
+    if (has_bias_) {
       y.rowwise() = bias_.transpose();
-    else
-      y.setZero();
-  }
-
-  void add_base(const MatRef& x, Mat& y) const {
-    if (fan_in_fan_out_)
-      y.noalias() += x * weight();
-    else
-      y.noalias() += x * weight().transpose();
+      if (fan_in_fan_out_)
+        y.noalias() += x * weight();
+      else
+        y.noalias() += x * weight().transpose();
+    } else if (fan_in_fan_out_) {
+      y.noalias() = x * weight();
+    } else {
+      y.noalias() = x * weight().transpose();
+    }
   }
 
   void set_factor(const char* fn, const char* what, const MatRef& v, Adapter& a);

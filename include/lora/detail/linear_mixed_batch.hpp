@@ -37,8 +37,7 @@ void LoraLinear<Scalar>::forward(const MatRef& x, const std::vector<std::string>
       detail::fail(where, "row ", i, ": adapter '", names[i], "' uses DoRA, which a mixed batch does not support");
   }
   y.resize(x.rows(), out_);
-  init_with_bias(y);
-  add_base(x, y);
+  base(x, y);
   if (disabled_) return;
   thread_local detail::RowGroups groups;
   groups.build(which, reg_.size());

@@ -3,6 +3,7 @@
 // group whose rows are one contiguous run can be used in place, without a gather.
 #pragma once
 
+#include <lora/detail/thin_products.hpp>
 #include <lora/types.hpp>
 
 #include <vector>
@@ -43,13 +44,13 @@ void add_lora_rows(const MatRef<Scalar>& x, const Mat<Scalar>& A, const Mat<Scal
                    Mat<Scalar>& y) {
   thread_local Mat<Scalar> xg, t, u;
   if (rows[m - 1] - rows[0] == m - 1) {  // one contiguous run of rows
-    t.noalias() = x.middleRows(rows[0], m) * A.transpose();
+    rank_cols_t<Scalar>(t, Scalar(1), x.middleRows(rows[0], m), A);
     y.middleRows(rows[0], m).noalias() += s * t * B.transpose();
     return;
   }
   xg.resize(m, x.cols());
   for (Index j = 0; j < m; ++j) xg.row(j) = x.row(rows[j]);
-  t.noalias() = xg * A.transpose();
+  rank_cols_t<Scalar>(t, Scalar(1), xg, A);
   u.noalias() = s * t * B.transpose();
   for (Index j = 0; j < m; ++j) y.row(rows[j]) += u.row(j);
 }

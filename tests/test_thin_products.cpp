@@ -1,0 +1,104 @@
+// The thin-product kernels (detail/thin_products.hpp) against a plain triple loop in long double,
+// over ranks that take each kernel (1, 2, 4 packets; up to 16 rows of C) and the fallback, row
+// counts around the kernels' blocks, strided operands, β = 0 and 1, and work large enough to
+// split over threads.
+#include <lora/detail/thin_products.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+namespace {
+
+using lora::Index;
+
+template <class S>
+lora::Mat<S> filled(Index rows, Index cols, int seed) {
+  lora::Mat<S> m(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) m(i, j) = S(std::sin(0.37 * double(seed) + 0.61 * double(i) + 1.3 * double(j)));
+  return m;
+}
+
+// max |got - want| / (1 + max |want|)
+template <class S>
+double rel_err(const lora::Mat<S>& got, const Eigen::Matrix<long double, -1, -1>& want) {
+  EXPECT_EQ(got.rows(), want.rows());
+  EXPECT_EQ(got.cols(), want.cols());
+  if (got.rows() != want.rows() || got.cols() != want.cols()) return 1e30;
+  long double e = 0, m = 0;
+  for (Index i = 0; i < want.rows(); ++i)
+    for (Index j = 0; j < want.cols(); ++j) {
+      e = std::max(e, std::fabs((long double)got(i, j) - want(i, j)));
+      m = std::max(m, std::fabs(want(i, j)));
+    }
+  return double(e / (1 + m));
+}
+
+template <class S>
+void check_all(double tol) {
+  const S alpha = S(0.75);
+  for (Index r : {1, 2, 3, 4, 8, 12, 16, 24, 32})
+    for (Index n : {0, 1, 7, 8, 9, 17, 40})
+      for (Index K : {1, 5, 131}) {
+        SCOPED_TRACE(testing::Message() << "r " << r << " n " << n << " K " << K);
+        // L is a column block of a wider matrix: rows at a stride of K + 3.
+        const lora::Mat<S> wide = filled<S>(n, K + 3, 1);
+        const lora::MatRef<S> L = wide.middleCols(2, K);
+        const lora::Mat<S> R = filled<S>(K, r, 2), A = filled<S>(r, K, 3);
+        Eigen::Matrix<long double, -1, -1> want(n, r), want_t(n, r);
+        for (Index i = 0; i < n; ++i)
+          for (Index j = 0; j < r; ++j) {
+            long double s = 0, st = 0;
+            for (Index k = 0; k < K; ++k) {
+              s += (long double)L(i, k) * R(k, j);
+              st += (long double)L(i, k) * A(j, k);
+            }
+            want(i, j) = alpha * s;
+            want_t(i, j) = alpha * st;
+          }
+        lora::Mat<S> C(3, 3);  // the wrong shape: the products size it
+        lora::detail::rank_cols<S>(C, alpha, L, R);
+        EXPECT_LT(rel_err(C, want), tol);
+        lora::detail::rank_cols_t<S>(C, alpha, L, A);
+        EXPECT_LT(rel_err(C, want_t), tol);
+
+        // rank_rows: C (r, N) = β·C + α·Lᵀ·R2 with L2 (n, r) strided, R2 (n, N).
+        for (Index N : {1, 3, 8, 13, 130}) {
+          const lora::Mat<S> wide2 = filled<S>(n, r + 2, 4);
+          const lora::MatRef<S> L2 = wide2.middleCols(1, r);
+          const lora::Mat<S> R2 = filled<S>(n, N, 5), C0 = filled<S>(r, N, 6);
+          Eigen::Matrix<long double, -1, -1> w0(r, N), w1(r, N);
+          for (Index i = 0; i < r; ++i)
+            for (Index j = 0; j < N; ++j) {
+              long double s = 0;
+              for (Index k = 0; k < n; ++k) s += (long double)L2(k, i) * R2(k, j);
+              w0(i, j) = alpha * s;
+              w1(i, j) = (long double)C0(i, j) + alpha * s;
+            }
+          lora::Mat<S> D(1, 1);
+          lora::detail::rank_rows<S>(D, alpha, L2, R2, S(0));
+          EXPECT_LT(rel_err(D, w0), tol) << "N " << N << " beta 0";
+          D = C0;
+          lora::detail::rank_rows<S>(D, alpha, L2, R2, S(1));
+          EXPECT_LT(rel_err(D, w1), tol) << "N " << N << " beta 1";
+        }
+      }
+}
+
+TEST(ThinProducts, MatchTheProductInDouble) { check_all<double>(1e-14); }
+TEST(ThinProducts, MatchTheProductInFloat) { check_all<float>(2e-6); }
+
+// Work above the split threshold, so that the kernels run on several threads where there are.
+TEST(ThinProducts, LargeProductsSplitOverThreadsGiveTheSameResult) {
+  const Index n = 4099, K = 130, r = 8, N = 133;
+  const lora::Mat<double> x = filled<double>(n, K, 7), A = filled<double>(r, K, 8), g = filled<double>(n, r, 9),
+                          e = filled<double>(n, N, 10);
+  lora::Mat<double> t, d;
+  lora::detail::rank_cols_t<double>(t, 1.0, x, A);
+  EXPECT_LT((t - x * A.transpose()).cwiseAbs().maxCoeff(), 1e-11);
+  lora::detail::rank_rows<double>(d, 0.5, g, e, 0.0);
+  EXPECT_LT((d - 0.5 * g.transpose() * e).cwiseAbs().maxCoeff(), 1e-11);
+}
+
+}  // namespace
