@@ -20,9 +20,24 @@ lora::Mat<S> filled(Index rows, Index cols, int seed) {
   return m;
 }
 
+using Exact = Eigen::Matrix<long double, -1, -1>;
+
+// α·X·Y summed in long double, an element at a time.
+template <class X, class Y>
+Exact exact_product(long double alpha, const X& x, const Y& y) {
+  Exact out(x.rows(), y.cols());
+  for (Index i = 0; i < x.rows(); ++i)
+    for (Index j = 0; j < y.cols(); ++j) {
+      long double s = 0;
+      for (Index k = 0; k < x.cols(); ++k) s += (long double)x(i, k) * (long double)y(k, j);
+      out(i, j) = alpha * s;
+    }
+  return out;
+}
+
 // max |got - want| / (1 + max |want|)
 template <class S>
-double rel_err(const lora::Mat<S>& got, const Eigen::Matrix<long double, -1, -1>& want) {
+double rel_err(const lora::Mat<S>& got, const Exact& want) {
   EXPECT_EQ(got.rows(), want.rows());
   EXPECT_EQ(got.cols(), want.cols());
   if (got.rows() != want.rows() || got.cols() != want.cols()) return 1e30;
@@ -46,17 +61,7 @@ void check_all(double tol) {
         const lora::Mat<S> wide = filled<S>(n, K + 3, 1);
         const lora::MatRef<S> L = wide.middleCols(2, K);
         const lora::Mat<S> R = filled<S>(K, r, 2), A = filled<S>(r, K, 3);
-        Eigen::Matrix<long double, -1, -1> want(n, r), want_t(n, r);
-        for (Index i = 0; i < n; ++i)
-          for (Index j = 0; j < r; ++j) {
-            long double s = 0, st = 0;
-            for (Index k = 0; k < K; ++k) {
-              s += (long double)L(i, k) * R(k, j);
-              st += (long double)L(i, k) * A(j, k);
-            }
-            want(i, j) = alpha * s;
-            want_t(i, j) = alpha * st;
-          }
+        const Exact want = exact_product(alpha, L, R), want_t = exact_product(alpha, L, A.transpose());
         lora::Mat<S> C(3, 3);  // the wrong shape: the products size it
         lora::detail::rank_cols<S>(C, alpha, L, R);
         EXPECT_LT(rel_err(C, want), tol);
@@ -68,14 +73,8 @@ void check_all(double tol) {
           const lora::Mat<S> wide2 = filled<S>(n, r + 2, 4);
           const lora::MatRef<S> L2 = wide2.middleCols(1, r);
           const lora::Mat<S> R2 = filled<S>(n, N, 5), C0 = filled<S>(r, N, 6);
-          Eigen::Matrix<long double, -1, -1> w0(r, N), w1(r, N);
-          for (Index i = 0; i < r; ++i)
-            for (Index j = 0; j < N; ++j) {
-              long double s = 0;
-              for (Index k = 0; k < n; ++k) s += (long double)L2(k, i) * R2(k, j);
-              w0(i, j) = alpha * s;
-              w1(i, j) = (long double)C0(i, j) + alpha * s;
-            }
+          const Exact w0 = exact_product(alpha, L2.transpose(), R2);
+          const Exact w1 = C0.template cast<long double>() + w0;
           lora::Mat<S> D(1, 1);
           lora::detail::rank_rows<S>(D, alpha, L2, R2, S(0));
           EXPECT_LT(rel_err(D, w0), tol) << "N " << N << " beta 0";
