@@ -1,6 +1,6 @@
 // Configure-time probe for LORA_BLAS=auto (cmake/lora_blas.cmake): times one thread of single-
-// precision GEMM on the shapes the library spends its time in, and prints the total in
-// a score (lower is faster). Built once against each candidate BLAS (calling sgemm_, as Eigen does under
+// precision GEMM on the shapes the library spends its time in, and prints a score (lower is
+// faster). Built once against each candidate BLAS (calling sgemm_, as Eigen does under
 // EIGEN_USE_BLAS) and once with LORA_PROBE_EIGEN (Eigen's own kernels, the flags the library's
 // programs use).
 //
