@@ -96,7 +96,10 @@ TEST(Linear, FreshAdapterChangesNothing) {
     VecD b = random_mat<MatD>(6, 1, 2).col(0);
     LoraLinear<double> layer(W, b, cfg);
     MatD x = random_mat<MatD>(3, 9, 3);
-    EXPECT_EQ(layer.forward(x), MatD((x * W.transpose()).rowwise() + b.transpose()));
+    const MatD y = layer.forward(x);
+    EXPECT_LT(max_abs(y - MatD((x * W.transpose()).rowwise() + b.transpose())), 1e-14);
+    layer.enable_adapters(false);
+    EXPECT_EQ(y, layer.forward(x));  // the base alone, bit for bit
     EXPECT_TRUE(layer.delta_weight().isZero(0));
     // One of the factors is random, the other zero.
     EXPECT_NE(layer.lora_A().isZero(0), layer.lora_B().isZero(0));
@@ -249,6 +252,42 @@ TEST(Linear, GradientsAccumulateUntilZeroGrad) {
   layer.zero_grad();
   EXPECT_TRUE(layer.grad_A().isZero(0));
   EXPECT_TRUE(layer.grad_B().isZero(0));
+}
+
+// Keep::borrow caches x's address instead of a copy; InputGrad::add gives dx + the gradient and
+// InputGrad::none leaves dx alone; the layer's gradients are those of a plain step, with dropout
+// (the same masks: same seed) and without.
+TEST(Linear, BorrowedInputAndInputGradModes) {
+  for (double p : {0.0, 0.25}) {
+    LoraConfig cfg = config(2, 2, p, BiasMode::trainable);
+    auto ref = make_layer(8, 4, cfg), layer = make_layer(8, 4, cfg);
+    ref.set_base_trainable(true);
+    layer.set_base_trainable(true);
+    const MatD x = random_mat<MatD>(5, 8, 1), dy = random_mat<MatD>(5, 4, 2), d0 = random_mat<MatD>(5, 8, 3);
+    const auto same_grads = [&] {
+      EXPECT_LT(max_abs(layer.grad_A() - ref.grad_A()), 1e-14);
+      EXPECT_LT(max_abs(layer.grad_B() - ref.grad_B()), 1e-14);
+      EXPECT_LT(max_abs(layer.grad_weight() - ref.grad_weight()), 1e-14);
+      EXPECT_LT(max_abs(layer.grad_bias() - ref.grad_bias()), 1e-14);
+    };
+    for (lora::InputGrad mode : {lora::InputGrad::add, lora::InputGrad::none}) {
+      const MatD y = ref.forward_train(x), dx = ref.backward(dy);
+      MatD y2, dx2 = d0;
+      layer.forward_train(x, y2, lora::Keep::borrow);
+      EXPECT_EQ(max_abs(y2 - y), 0);
+      layer.backward(dy, dx2, mode);
+      EXPECT_LT(max_abs(dx2 - (mode == lora::InputGrad::add ? MatD(d0 + dx) : d0)), 1e-14);
+      same_grads();
+    }
+  }
+  auto layer = make_layer(8, 4, config(2, 2));
+  const MatD x = random_mat<MatD>(5, 8, 1), dy = random_mat<MatD>(5, 4, 2);
+  MatD y, wrong = MatD::Ones(5, 7);
+  layer.forward_train(x, y, lora::Keep::borrow);
+  EXPECT_LORA_ERROR(layer.backward(dy, wrong, lora::InputGrad::add), "dX to add to is (5, 7), expected (5, 8)");
+  EXPECT_TRUE(layer.grad_A().isZero(0));  // refused before any gradient accumulated
+  EXPECT_EQ(wrong, MatD::Ones(5, 7));
+  EXPECT_TRUE(layer.ready_for_backward());
 }
 
 TEST(Linear, TrainingLeavesBaseBytesUnchanged) {

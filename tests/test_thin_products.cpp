@@ -1,7 +1,8 @@
-// The thin-product kernels (detail/thin_products.hpp) against a plain triple loop in long double,
-// over ranks that take each kernel (1, 2, 4 packets; up to 16 rows of C) and the fallback, row
-// counts around the kernels' blocks, strided operands, β = 0 and 1, and work large enough to
-// split over threads.
+// The thin-product kernels (detail/thin_products.hpp) and few_rows (detail/few_rows.hpp) against
+// a plain triple loop in long double, over ranks that take each kernel (1, 2, 4 packets; up to 16
+// rows of C) and the fallback, row counts around the kernels' blocks and tiles, strided operands,
+// β = 0 and 1, and work large enough to split over threads.
+#include <lora/detail/few_rows.hpp>
 #include <lora/detail/thin_products.hpp>
 
 #include <gtest/gtest.h>
@@ -85,8 +86,43 @@ void check_all(double tol) {
       }
 }
 
-TEST(ThinProducts, MatchTheProductInDouble) { check_all<double>(1e-14); }
-TEST(ThinProducts, MatchTheProductInFloat) { check_all<float>(2e-6); }
+// few_rows: y (n, M) = β·y + α·x·Wᵀ for n ≤ 8 (every tile: groups of 4, 2, 1 rows; W's rows in
+// blocks of 8 and their remainders; K around a packet), x and y strided; more rows are refused.
+template <class S>
+void check_few_rows(double tol) {
+  const S alpha = S(0.75);
+  for (Index n = 1; n <= lora::detail::kFewRows; ++n)
+    for (Index M : {1, 3, 8, 13, 130})
+      for (Index K : {1, 5, 8, 9, 131}) {
+        SCOPED_TRACE(testing::Message() << "n " << n << " M " << M << " K " << K);
+        const lora::Mat<S> wide = filled<S>(n, K + 3, 11), W = filled<S>(M, K, 12), y0 = filled<S>(n, M + 2, 13);
+        const lora::MatRef<S> x = wide.middleCols(2, K);
+        const Exact want = exact_product(alpha, x, W.transpose());
+        lora::Mat<S> y(2, 2);
+        ASSERT_TRUE(lora::detail::few_rows<S>(y, alpha, x, W, S(0)));
+        EXPECT_LT(rel_err(y, want), tol);
+        lora::Mat<S> yw = y0;  // into a column block of a wider y, β = 0.5
+        ASSERT_TRUE(lora::detail::few_rows<S>(n, M, K, alpha, x.data(), x.outerStride(), W.data(), K, S(0.5), yw.data() + 1,
+                                              yw.outerStride()));
+        const Exact want_b = S(0.5) * y0.middleCols(1, M).template cast<long double>() + want;
+        EXPECT_LT(rel_err(lora::Mat<S>(yw.middleCols(1, M)), want_b), tol);
+        EXPECT_EQ(yw.col(0), y0.col(0));  // the columns around the block untouched
+        EXPECT_EQ(yw.col(M + 1), y0.col(M + 1));
+      }
+  lora::Mat<S> y;
+  const lora::Mat<S> x = filled<S>(lora::detail::kFewRows + 1, 4, 1), W = filled<S>(3, 4, 2);
+  EXPECT_FALSE(lora::detail::few_rows<S>(y, alpha, x, W, S(0)));
+  EXPECT_EQ(y.size(), 0);
+}
+
+TEST(ThinProducts, MatchTheProductInDouble) {
+  check_all<double>(1e-14);
+  check_few_rows<double>(1e-14);
+}
+TEST(ThinProducts, MatchTheProductInFloat) {
+  check_all<float>(2e-6);
+  check_few_rows<float>(2e-6);
+}
 
 // Work above the split threshold, so that the kernels run on several threads where there are.
 TEST(ThinProducts, LargeProductsSplitOverThreadsGiveTheSameResult) {
@@ -98,6 +134,13 @@ TEST(ThinProducts, LargeProductsSplitOverThreadsGiveTheSameResult) {
   EXPECT_LT((t - x * A.transpose()).cwiseAbs().maxCoeff(), 1e-11);
   lora::detail::rank_rows<double>(d, 0.5, g, e, 0.0);
   EXPECT_LT((d - 0.5 * g.transpose() * e).cwiseAbs().maxCoeff(), 1e-11);
+  const lora::Mat<double> x8 = filled<double>(8, 1030, 11), W = filled<double>(1029, 1030, 12);
+  lora::Mat<double> y;
+  ASSERT_TRUE(lora::detail::few_rows<double>(y, 1.0, x8, W, 0.0));
+  EXPECT_LT((y - x8 * W.transpose()).cwiseAbs().maxCoeff(), 1e-10);
+  const lora::Mat<double> t8 = filled<double>(8, 8, 13), B = filled<double>(40999, 8, 14);  // short dot products
+  ASSERT_TRUE(lora::detail::few_rows<double>(y, 1.0, t8, B, 0.0));
+  EXPECT_LT((y - t8 * B.transpose()).cwiseAbs().maxCoeff(), 1e-12);
 }
 
 }  // namespace

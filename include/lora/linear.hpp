@@ -35,6 +35,7 @@
 #include <lora/config.hpp>
 #include <lora/detail/adapter_registry.hpp>
 #include <lora/detail/dora.hpp>
+#include <lora/detail/few_rows.hpp>
 #include <lora/detail/row_groups.hpp>
 #include <lora/detail/thin_products.hpp>
 #include <lora/detail/weight_storage.hpp>
@@ -53,6 +54,15 @@
 #include <vector>
 
 namespace lora {
+
+// forward_train's input: copied into the training cache, or borrowed (the caller keeps x alive
+// and unchanged until backward; the models borrow the activations they keep anyway).
+enum class Keep { copy, borrow };
+// What backward does with dx: writes the input's gradient (set), adds it to dx, already (n, in)
+// (add: a sum of branches, one GEMM with β = 1 instead of a product and a pass), or computes none
+// (none: nothing upstream needs it, e.g. a first layer under frozen embeddings; the layer's own
+// gradients still accumulate).
+enum class InputGrad { set, add, none };
 
 template <class Scalar>
 class LoraLinear {
@@ -248,8 +258,12 @@ class LoraLinear {
     for (const std::string& name : reg_.active()) {
       if (reg_.is_merged(name)) continue;
       const Adapter& a = adapter(name);
-      detail::rank_cols_t<Scalar>(t, Scalar(1), x, a.A);
-      y.noalias() += a.s * t * a.B.transpose();
+      if (detail::few_rows<Scalar>(t, Scalar(1), x, a.A, Scalar(0))) {
+        detail::few_rows<Scalar>(y, a.s, t, a.B, Scalar(1));
+      } else {
+        detail::rank_cols_t<Scalar>(t, Scalar(1), x, a.A);
+        y.noalias() += a.s * t * a.B.transpose();
+      }
       if (a.config.use_dora) rescale(y, a.m.cwiseQuotient(norm_of(a)));
     }
   }
@@ -270,11 +284,12 @@ class LoraLinear {
   // ---- training --------------------------------------------------------------------------
   // forward_train, x (n, in) -> y (n, out), keeps in the Cache, for each active adapter:
   //   xd = drop(x) (n, in) and mask (n, in) (p > 0 only), t = xd·Aᵀ (n, r); and x itself once
-  //   when an adapter has p = 0 or the base trains
+  //   when an adapter has p = 0 or the base trains (a copy, or with Keep::borrow x's address)
   //   y  = b + x·Wᵀ + Σ s·t·Bᵀ
   // backward, dy (n, out) -> dx (n, in), consumes the cache; for each active adapter:
   //   dB += s·dyᵀ·t      g = s·dy·B (n, r)      dA += gᵀ·xd      db += Σ_rows dy (trainable bias)
   //   dx  = dy·W + Σ mask ⊙ (g·A)               dW += dyᵀ·x (base_trainable)
+  // (dx += ... with InputGrad::add; neither product with InputGrad::none).
   // With adapters disabled only the base terms remain.
   Mat forward_train(const MatRef& x) {
     Mat y;
@@ -283,7 +298,14 @@ class LoraLinear {
   }
 
   // Writes into y (not aliasing x), resized only when its shape differs.
-  void forward_train(const MatRef& x, Mat& y) {
+  void forward_train(const MatRef& x, Mat& y) { train_forward(x, y, Keep::copy); }
+  // With Keep::borrow the cache holds x's address: x stays alive and unchanged until backward
+  // (a matrix, not a temporary: an expression would be evaluated into one).
+  void forward_train(const Mat& x, Mat& y, Keep keep) { train_forward(x, y, keep); }
+  void forward_train(Mat&&, Mat&, Keep) = delete;
+
+ private:
+  void train_forward(const MatRef& x, Mat& y, Keep keep) {
     check_input("forward_train", x);
     check_no_alias("forward_train", "Y", y, "X", x);
     if (is_merged()) detail::fail("LoraLinear::forward_train: the layer is merged; call unmerge() before training");
@@ -292,7 +314,14 @@ class LoraLinear {
     c.n = x.rows();
     bool keep_x = train_base_;
     for (const std::string& name : active) keep_x = keep_x || adapter(name).config.dropout == 0;
-    if (keep_x) c.x = x;
+    c.x_borrowed = keep_x && keep == Keep::borrow;
+    if (c.x_borrowed) {
+      c.x.resize(0, 0);
+      c.xb = x.data();
+      c.xb_stride = x.outerStride();
+    } else if (keep_x) {
+      c.x = x;
+    }
     y.resize(x.rows(), out_);
     base(x, y);
     c.adapters.resize(active.size());
@@ -317,23 +346,29 @@ class LoraLinear {
     c.discarded_by = nullptr;
   }
 
+ public:
   Mat backward(const MatRef& dy) {
     Mat dx;
     backward(dy, dx);
     return dx;
   }
 
-  // Writes into dx (not aliasing dy), resized only when its shape differs.
-  void backward(const MatRef& dy, Mat& dx) {
+  // Writes into dx (not aliasing dy) as mode says: set resizes it only when its shape differs,
+  // add needs it (n, in), none leaves it alone.
+  void backward(const MatRef& dy, Mat& dx, InputGrad mode = InputGrad::set) {
     Cache& c = cache_;
     check_backward(dy);
-    check_no_alias("backward", "dX", dx, "dY", dy);
+    if (mode != InputGrad::none) check_no_alias("backward", "dX", dx, "dY", dy);
+    if (mode == InputGrad::add && (dx.rows() != dy.rows() || dx.cols() != in_))
+      detail::fail("LoraLinear::backward: dX to add to is ", detail::shape(dx.rows(), dx.cols()), ", expected ",
+                   detail::shape(dy.rows(), in_));
+    const MatRef x = cached_x();
     if (grad_bias_.size()) grad_bias_ += dy.colwise().sum().transpose();
     if (train_base_) {
       if (fan_in_fan_out_)
-        grad_W_.noalias() += c.x.transpose() * dy;
+        grad_W_.noalias() += x.transpose() * dy;
       else
-        grad_W_.noalias() += dy.transpose() * c.x;
+        grad_W_.noalias() += dy.transpose() * x;
     }
     const std::vector<std::string>& active = trained();
     const bool dora = active.size() == 1 && adapter(active[0]).config.use_dora;
@@ -343,11 +378,18 @@ class LoraLinear {
       ac.d = dy.array().rowwise() * ac.c.transpose().array();
     }
     const MatRef e = dora ? MatRef(c.adapters[0].d) : dy;
-    dx.resize(dy.rows(), in_);
-    if (fan_in_fan_out_)
-      dx.noalias() = e * weight().transpose();
-    else
-      dx.noalias() = e * weight();
+    if (mode == InputGrad::set) {
+      dx.resize(dy.rows(), in_);
+      if (fan_in_fan_out_)
+        dx.noalias() = e * weight().transpose();
+      else
+        dx.noalias() = e * weight();
+    } else if (mode == InputGrad::add) {
+      if (fan_in_fan_out_)
+        dx.noalias() += e * weight().transpose();
+      else
+        dx.noalias() += e * weight();
+    }
     c.valid = false;
     for (std::size_t k = 0; k < active.size(); ++k) {
       Adapter& a = adapter(active[k]);
@@ -359,11 +401,12 @@ class LoraLinear {
       detail::rank_cols<Scalar>(ac.g, a.s, e, a.B);
       if (a.config.dropout > 0) {
         detail::rank_rows<Scalar>(a.grad_A, Scalar(1), ac.g, ac.xd, Scalar(1));
+        if (mode == InputGrad::none) continue;
         ac.xd.noalias() = ac.g * a.A;  // xd is no longer needed: reuse it for g·A
         dx += ac.mask.cwiseProduct(ac.xd);
       } else {
-        detail::rank_rows<Scalar>(a.grad_A, Scalar(1), ac.g, c.x, Scalar(1));
-        dx.noalias() += ac.g * a.A;
+        detail::rank_rows<Scalar>(a.grad_A, Scalar(1), ac.g, x, Scalar(1));
+        if (mode != InputGrad::none) dx.noalias() += ac.g * a.A;
       }
     }
   }
@@ -477,7 +520,10 @@ class LoraLinear {
     Vec norm, c;         // DoRA: ‖W + s·B·A‖ per row, m / norm
   };
   struct Cache {
-    Mat x;  // when an adapter has no dropout or the base trains
+    Mat x;  // when an adapter has no dropout or the base trains, unless borrowed:
+    bool x_borrowed = false;
+    const Scalar* xb = nullptr;  // the borrowed x (n, in), its row stride
+    Index xb_stride = 0;
     std::vector<AdapterCache> adapters;
     Index n = 0;
     bool valid = false;
@@ -518,6 +564,13 @@ class LoraLinear {
   void reset_grad_bias() {
     const bool on = has_bias_ && (bias_mode_ == BiasMode::trainable || train_base_);
     if (grad_bias_.size() != (on ? out_ : 0)) grad_bias_ = Vec::Zero(on ? out_ : 0);
+  }
+
+  // forward_train's x, copied or borrowed.
+  MatRef cached_x() const {
+    const Cache& c = cache_;
+    if (!c.x_borrowed) return MatRef(c.x);
+    return MatRef(Eigen::Map<const Mat, 0, Eigen::OuterStride<>>(c.xb, c.n, in_, Eigen::OuterStride<>(c.xb_stride)));
   }
 
   void discard_cache(const char* fn) {
@@ -590,6 +643,10 @@ class LoraLinear {
   // y <- b broadcast (or 0). Eigen's GEMM accumulates, so this costs what setZero would.
   // y = x·Wᵀ + b; without a bias the product writes y directly (no pass that zeroes it first).
   void base(const MatRef& x, Mat& y) const {
+    if (!fan_in_fan_out_ && x.rows() <= detail::kFewRows) {  // decoding: W read in place
+      if (has_bias_) y.rowwise() = bias_.transpose();
+      if (detail::few_rows<Scalar>(y, Scalar(1), x, weight(), Scalar(has_bias_ ? 1 : 0))) return;
+    }
     if (has_bias_) {
       y.rowwise() = bias_.transpose();
       if (fan_in_fan_out_)

@@ -7,13 +7,17 @@
 // rank_cols keeps a row's r outputs in one to four SIMD registers and runs 8, 4 or 2 rows at once:
 // per k, one load of R's row, a broadcast of each row's L(i, k), a fused multiply-add each.
 // rank_rows keeps up to 8 rows of C, one packet of columns wide, in registers and walks n in
-// blocks of 64 rows, every packet of columns per block. Neither packs an operand. A GEMM (Eigen's or OpenBLAS's) packs both into
-// panels sized for wide products and blocks the result 3 packets wide; with r = 8 it ran these
-// at a third to a half of the speed (n 2048, d 128, r 8, float, one thread, AVX2: x·Aᵀ 138 µs in
-// OpenBLAS, 118 in Eigen, 58 here; s·dy·B 138 / 122 / 89; s·tᵀ·dy 142 / 101 / 86; gᵀ·x 143 / 99
-// / 82). Other shapes (r not 1, 2 or 4 packets; r > 16 in rank_rows; other scalars) go to the
-// general product. Both split their work over the threads when it is large and no parallel region
-// is open. Results differ from the GEMM's only in summation order.
+// blocks of 16 rows, every packet of columns per block, prefetching the next block's lines
+// meanwhile: R's rows are read across, a packet at a time, which the hardware's prefetchers do not
+// follow (n 2048, N 344, r 8, R out of cache: 300-450 µs here against 730-1160 with blocks of 64
+// rows and no prefetch; in cache 185-260 either way). Neither packs an operand. A GEMM (Eigen's
+// or OpenBLAS's) packs both into panels sized for wide products and blocks the result 3 packets
+// wide; with r = 8 it ran these at a third to a half of the speed (n 2048, d 128, r 8, float, one
+// thread, AVX2: x·Aᵀ 138 µs in OpenBLAS, 118 in Eigen, 58 here; s·dy·B 138 / 122 / 89; s·tᵀ·dy
+// 142 / 101 / 86; gᵀ·x 143 / 99 / 82). Other shapes (r not 1, 2 or 4 packets; r > 16 in
+// rank_rows; other scalars) go to the general product. Both split their work over the threads when
+// it is large and no parallel region is open. Results differ from the GEMM's only in summation
+// order.
 #pragma once
 
 #include <lora/types.hpp>
@@ -68,23 +72,27 @@ void cols_kernel(Index i0, Index i1, Index K, S alpha, const S* L, Index ldl, co
 }
 
 // Columns [c0, c1) of C = β·C + α·Lᵀ·R. Rows of C in blocks of up to 8, each one packet of
-// columns wide in registers; n in blocks of 64 rows, so that L's and R's rows are read in order
+// columns wide in registers; n in blocks of 16 rows, so that L's and R's rows are read in order
 // and R's block stays in L1 while its packets of columns pass (the partial sums wait in C,
-// which starts at β·C). The last columns, fewer than a packet, one at a time.
+// which starts at β·C), and the next block's lines are prefetched a line per row every line's
+// worth of columns. The last columns, fewer than a packet, one at a time.
 template <class S>
 void rows_kernel(Index c0, Index c1, Index n, Index r, S alpha, const S* L, Index ldl, const S* R, Index ldr, S beta, S* C,
                  Index ldc) {
   using P = typename ei::packet_traits<S>::type;
   constexpr int PS = ei::packet_traits<S>::size;
-  constexpr Index NB = 64;
+  constexpr Index NB = 16;
   const Index cv = c0 + (c1 - c0) / PS * PS;  // [c0, cv): whole packets
   for (Index k = 0; k < r; ++k)
     for (Index c = c0; c < c1; ++c) C[k * ldc + c] = beta == S(0) ? S(0) : beta * C[k * ldc + c];
+  constexpr Index LINE = 64 / sizeof(S);  // a cache line's columns
   for (Index k0 = 0; k0 < r; k0 += 8) {
     const int kb = static_cast<int>(std::min<Index>(8, r - k0));
     for (Index i0 = 0; i0 < n; i0 += NB) {
-      const Index i1 = std::min(n, i0 + NB);
+      const Index i1 = std::min(n, i0 + NB), i2 = std::min(n, i1 + NB);
       for (Index c = c0; c < cv; c += PS) {
+        if ((c - c0) % LINE == 0)  // the next block's line at column c, row by row, while this block computes
+          for (Index i = i1; i < i2; ++i) __builtin_prefetch(R + i * ldr + c);
         P acc[8];
         for (int k = 0; k < 8; ++k) acc[k] = ei::pset1<P>(S(0));
         const S* l = L + i0 * ldl + k0;

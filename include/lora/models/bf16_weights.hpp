@@ -14,6 +14,7 @@
 // W widened on load only in the order of its sums (rounding).
 #pragma once
 
+#include <lora/detail/few_rows.hpp>
 #include <lora/types.hpp>
 
 #include <Eigen/Core>
@@ -107,6 +108,7 @@ void widen_back(Bf16Mat& w16, Mat<Scalar>& w) {
 template <class Scalar>
 void times_transposed(const MatRef<Scalar>& x, const Mat<Scalar>& w, const Bf16Mat& w16, Mat<Scalar>& y) {
   if (w16.size()) return times_transposed(x, w16, y);
+  if (detail::few_rows<Scalar>(y, Scalar(1), x, w, Scalar(0))) return;  // decoding: W read in place
   y.resize(x.rows(), w.rows());
   y.noalias() = x * w.transpose();
 }

@@ -161,7 +161,8 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
     tr.ids = ids;
     tr.pos = token_positions(batch, T, attention_mask, nullptr);
     const lora::Mat<std::int64_t>& pos = tr.pos;
-    Mat h(batch * T, d), a, qkv, y, g;
+    // The linears borrow their inputs (a₁, o, a₂, g), which stay in the layer's cache until backward.
+    Mat h(batch * T, d), qkv, y;
     for (Index b = 0; b < batch; ++b)
       for (Index t = 0; t < T; ++t) {
         wte_.lookup(ids(b, t), h.row(b * T + t));
@@ -171,20 +172,20 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
       LayerCache& lc = tr.layers[l];
-      layer_norm_train(h, L.ln1.gamma, L.ln1.beta, c.rms_norm_eps, a, lc.xhat1, lc.inv1);
-      L.c_attn.forward_train(a, qkv);
+      layer_norm_train(h, L.ln1.gamma, L.ln1.beta, c.rms_norm_eps, lc.a1, lc.xhat1, lc.inv1);
+      L.c_attn.forward_train(lc.a1, qkv, Keep::borrow);
       lc.q = qkv.leftCols(d);
       lc.k = qkv.middleCols(d, d);
       lc.v = qkv.rightCols(d);
       lc.p.resize(std::size_t(batch) * c.num_attention_heads);
       causal_attention(lc.q, lc.k, lc.v, batch, T, 0, T, c.num_attention_heads, c.num_attention_heads, c.head_dim,
                        attention_mask, lc.o, &lc.p);
-      L.attn_proj.forward_train(lc.o, y);
+      L.attn_proj.forward_train(lc.o, y, Keep::borrow);
       h += y;
-      layer_norm_train(h, L.ln2.gamma, L.ln2.beta, c.rms_norm_eps, a, lc.xhat2, lc.inv2);
-      L.c_fc.forward_train(a, lc.f);
-      gelu_new(lc.f, g);
-      L.mlp_proj.forward_train(g, y);
+      layer_norm_train(h, L.ln2.gamma, L.ln2.beta, c.rms_norm_eps, lc.a2, lc.xhat2, lc.inv2);
+      L.c_fc.forward_train(lc.a2, lc.f, Keep::borrow);
+      gelu_new(lc.f, lc.g);
+      L.mlp_proj.forward_train(lc.g, y, Keep::borrow);
       h += y;
     }
     layer_norm_train(h, lnf_.gamma, lnf_.beta, c.rms_norm_eps, tr.a, tr.xhat, tr.inv);
@@ -207,9 +208,11 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
                    "run forward_train again");
     tr.valid = false;
     if (wte_.trainable) wte_.grad_w.noalias() += dlogits.transpose() * tr.a;
-    Mat da;
+    Grads& gr = tr.grads;
+    Mat &da = gr.da, &dh = gr.dh, &dx = gr.dx, &df = gr.df, &dq = gr.dq, &dk = gr.dk, &dv = gr.dv, &dqkv = gr.dqkv;
     wte_.head_backward(dlogits, da);
-    Mat dh = Mat::Zero(da.rows(), d), dx, df, dq, dk, dv, dqkv(da.rows(), 3 * d);
+    dh.setZero(da.rows(), d);
+    dqkv.resize(da.rows(), 3 * d);
     layer_norm_backward(tr.xhat, tr.inv, lnf_, da, dh);
     const Scalar k0 = Scalar(std::sqrt(2.0 / 3.14159265358979323846)), k1 = Scalar(0.044715);
     for (std::size_t l = layers_.size(); l-- > 0;) {
@@ -226,8 +229,10 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
       causal_attention_backward(lc.q, lc.k, lc.v, lc.p, dx, tr.batch, tr.T, c.num_attention_heads, c.num_attention_heads,
                                 c.head_dim, dq, dk, dv);
       dqkv << dq, dk, dv;
-      L.c_attn.backward(dqkv, da);
-      layer_norm_backward(lc.xhat1, lc.inv1, L.ln1, da, dh);
+      // Below the first layer only frozen embeddings: unless they or its norm train, no dX.
+      const bool below = l > 0 || wte_.trainable || wpe_.trainable || L.ln1.trainable;
+      L.c_attn.backward(dqkv, da, below ? InputGrad::set : InputGrad::none);
+      if (below) layer_norm_backward(lc.xhat1, lc.inv1, L.ln1, da, dh);
     }
     for (Index i = 0; i < dh.rows(); ++i) {
       if (wte_.trainable) wte_.grad_w.row(tr.ids(i / tr.T, i % tr.T)) += dh.row(i);
@@ -316,9 +321,12 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
     lnf_.beta = src.vector("transformer.ln_f.bias", d);
   }
   struct LayerCache {
-    Mat xhat1, xhat2, q, k, v, o, f;
+    Mat xhat1, xhat2, a1, a2, q, k, v, o, f, g;  // a₁, a₂ the norms' outputs, g = gelu_new(f)
     Vec inv1, inv2;
     std::vector<Mat> p;  // (T, T) per (sequence, head)
+  };
+  struct Grads {  // backward's buffers, kept between steps
+    Mat da, dh, dx, df, dq, dk, dv, dqkv;
   };
   struct Train {
     bool valid = false;
@@ -327,6 +335,7 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
     Mat xhat, a;
     Vec inv;
     std::vector<LayerCache> layers;
+    Grads grads;
   };
 
   // gelu_new(x) = x/2·(1 + tanh(√(2/π)(x + 0.044715x³)))

@@ -145,7 +145,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
       rms_norm(h, L.norm2.gamma, c.rms_norm_eps, a);
       L.gate.forward(a, g, rows);
       L.up.forward(a, u, rows);
-      g = (silu(g).array() * u.array()).matrix();
+      g = silu_times(g, u);
       L.down.forward(g, y, rows);
       h += y;
     }
@@ -183,40 +183,42 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     tr.T = T;
     tr.ids = ids;
     rope_tables(token_positions(batch, T, attention_mask, nullptr), tr.cos, tr.sin);
-    Mat h(batch * T, c.hidden_size), y, act;
-    for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) embed_.lookup(ids(b, t), h.row(b * T + t));
+    // The linears borrow their inputs (a₁, o, a₂, act), which stay in the layer's cache until
+    // backward. h flows through the layers' caches: lc.h in, lc.h_mid between the halves.
     tr.layers.resize(layers_.size());
+    Mat& h0 = layers_.empty() ? tr.h : tr.layers[0].h;
+    h0.resize(batch * T, c.hidden_size);
+    for (Index b = 0; b < batch; ++b)
+      for (Index t = 0; t < T; ++t) embed_.lookup(ids(b, t), h0.row(b * T + t));
+    Mat& y = tr.y;
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
       LayerCache& lc = tr.layers[l];
-      lc.h = h;
-      rms_norm_train(h, L.norm1.gamma, c.rms_norm_eps, lc.a1, lc.r1);
-      L.q.forward_train(lc.a1, lc.q);
-      L.k.forward_train(lc.a1, lc.k);
-      L.v.forward_train(lc.a1, lc.v);
+      if (l > 0) lc.h.noalias() = tr.layers[l - 1].h_mid + y;  // the previous layer's output
+      rms_norm_train(lc.h, L.norm1.gamma, c.rms_norm_eps, lc.a1, lc.r1);
+      L.q.forward_train(lc.a1, lc.q, Keep::borrow);
+      L.k.forward_train(lc.a1, lc.k, Keep::borrow);
+      L.v.forward_train(lc.a1, lc.v, Keep::borrow);
       rope(lc.q, c.num_attention_heads, tr.cos, tr.sin);
       rope(lc.k, c.num_key_value_heads, tr.cos, tr.sin);
       lc.p.resize(std::size_t(batch) * c.num_attention_heads);
       causal_attention(lc.q, lc.k, lc.v, batch, T, 0, T, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                        attention_mask, lc.o, &lc.p);
-      L.o.forward_train(lc.o, y);
-      h += y;
-      lc.h_mid = h;
-      rms_norm_train(h, L.norm2.gamma, c.rms_norm_eps, lc.a2, lc.r2);
-      L.gate.forward_train(lc.a2, lc.gate);
-      L.up.forward_train(lc.a2, lc.up);
-      act = (silu(lc.gate).array() * lc.up.array()).matrix();
-      L.down.forward_train(act, y);
-      h += y;
+      L.o.forward_train(lc.o, y, Keep::borrow);
+      lc.h_mid.noalias() = lc.h + y;
+      rms_norm_train(lc.h_mid, L.norm2.gamma, c.rms_norm_eps, lc.a2, lc.r2);
+      L.gate.forward_train(lc.a2, lc.gate, Keep::borrow);
+      L.up.forward_train(lc.a2, lc.up, Keep::borrow);
+      lc.act = silu_times(lc.gate, lc.up);
+      L.down.forward_train(lc.act, y, Keep::borrow);
     }
-    tr.h = h;
-    rms_norm_train(h, norm_.gamma, c.rms_norm_eps, tr.a, tr.r);
+    if (!layers_.empty()) tr.h.noalias() = tr.layers.back().h_mid + y;
+    rms_norm_train(tr.h, norm_.gamma, c.rms_norm_eps, tr.a, tr.r);
     Mat logits;
     if (c.tie_word_embeddings)
       embed_.head(tr.a, logits);
     else
-      head_.forward_train(tr.a, logits);
+      head_.forward_train(tr.a, logits, Keep::borrow);
     tr.valid = true;
     return logits;
   }
@@ -232,7 +234,9 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
       detail::fail("LlamaModel::backward: a LoRA layer changed after forward_train (merge, set_adapter, set_lora_A, ...); "
                    "run forward_train again");
     tr.valid = false;
-    Mat da, dh = Mat::Zero(tr.h.rows(), tr.h.cols()), dx, dq, dk, dv, dgate, dup, dact;
+    Grads& g = tr.grads;
+    Mat &da = g.da, &dh = g.dh, &dx = g.dx, &dq = g.dq, &dk = g.dk, &dv = g.dv;
+    dh.setZero(tr.h.rows(), tr.h.cols());
     if (c.tie_word_embeddings) {
       embed_.head_backward(dlogits, da);
       if (embed_.trainable) embed_.grad_w.noalias() += dlogits.transpose() * tr.a;
@@ -243,15 +247,13 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     for (std::size_t l = layers_.size(); l-- > 0;) {
       Layer& L = layers_[l];
       const LayerCache& lc = tr.layers[l];
-      // MLP half: h_out = h_mid + down(silu(gate) ⊙ up)
-      L.down.backward(dh, dact);
-      const Mat sg = silu(lc.gate);
-      const Mat sig = (Scalar(1) / (Scalar(1) + (-lc.gate.array()).exp())).matrix();
-      dgate = (dact.array() * lc.up.array() * sig.array() * (Scalar(1) + lc.gate.array() * (Scalar(1) - sig.array()))).matrix();
-      dup = (dact.array() * sg.array()).matrix();
-      L.gate.backward(dgate, da);
-      L.up.backward(dup, dx);
-      da += dx;
+      // MLP half: h_out = h_mid + down(silu(gate) ⊙ up); σ = sigmoid(gate), one exp per element
+      L.down.backward(dh, g.dact);
+      g.sig = (Scalar(1) + (-lc.gate.array()).exp()).inverse();
+      g.dup = g.dact.array() * lc.gate.array() * g.sig.array();
+      g.dgate = g.dact.array() * lc.up.array() * g.sig.array() * (Scalar(1) + lc.gate.array() * (Scalar(1) - g.sig.array()));
+      L.gate.backward(g.dgate, da);
+      L.up.backward(g.dup, da, InputGrad::add);
       rms_norm_backward(lc.h_mid, L.norm2, lc.r2, da, dh);
       // Attention half: h_mid = h + o_proj(attention(rope(q), rope(k), v))
       L.o.backward(dh, dx);
@@ -259,12 +261,12 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
                                 c.head_dim, dq, dk, dv);
       rope(dq, c.num_attention_heads, tr.cos, tr.sin, Scalar(-1));
       rope(dk, c.num_key_value_heads, tr.cos, tr.sin, Scalar(-1));
-      L.q.backward(dq, da);
-      L.k.backward(dk, dx);
-      da += dx;
-      L.v.backward(dv, dx);
-      da += dx;
-      rms_norm_backward(lc.h, L.norm1, lc.r1, da, dh);
+      // Below the first layer only frozen embeddings: unless they or its norm train, no dX.
+      const bool below = l > 0 || embed_.trainable || L.norm1.trainable;
+      L.q.backward(dq, da, below ? InputGrad::set : InputGrad::none);
+      L.k.backward(dk, da, below ? InputGrad::add : InputGrad::none);
+      L.v.backward(dv, da, below ? InputGrad::add : InputGrad::none);
+      if (below) rms_norm_backward(lc.h, L.norm1, lc.r1, da, dh);
     }
     if (embed_.trainable)
       for (Index i = 0; i < tr.ids.size(); ++i) embed_.grad_w.row(tr.ids(i / tr.T, i % tr.T)) += dh.row(i);
@@ -348,20 +350,25 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     inv_freq_ = c.rope_inv_freq(!std::is_same_v<Scalar, double>);
   }
   struct LayerCache {
-    Mat h, a1, q, k, v, o, h_mid, a2, gate, up;
+    Mat h, a1, q, k, v, o, h_mid, a2, gate, up, act;
     Vec r1, r2;
     std::vector<Mat> p;  // (T, T) per (sequence, head)
+  };
+  // silu(g) ⊙ u, elementwise, as an expression (no temporary): g·σ(g)·u.
+  static auto silu_times(const Mat& g, const Mat& u) { return g.array() / (Scalar(1) + (-g.array()).exp()) * u.array(); }
+
+  struct Grads {  // backward's buffers, kept between steps
+    Mat da, dh, dx, dq, dk, dv, dgate, dup, dact, sig;
   };
   struct Train {
     bool valid = false;
     Index batch = 0, T = 0;
     lora::Mat<std::int64_t> ids;
-    Mat cos, sin, h, a;
+    Mat cos, sin, h, a, y;
     Vec r;
     std::vector<LayerCache> layers;
+    Grads grads;
   };
-
-  static Mat silu(const Mat& x) { return (x.array() / (Scalar(1) + (-x.array()).exp())).matrix(); }
 
   // cos, sin (batch·T, dh/2) of each token's position and frequency i. A float model computes
   // them as transformers does, in float32 (angle = position · inv_freq in float); a double model in

@@ -138,6 +138,7 @@ struct Projection {
   bool fan_in_fan_out = false;
   bool trainable = false;  // a plain layer's W and b train
   Mat<Scalar> grad_w, x;   // x: forward_train's input, kept while trainable
+  Mat<Scalar> scratch;     // backward's dy·W when added to dx
   Vec<Scalar> grad_b;
 
   // rows: an adapter name per row (a mixed batch, LoraLinear::forward(x, names)); null = the
@@ -159,14 +160,22 @@ struct Projection {
     if (b.size()) y.rowwise() += b.transpose();
   }
   // Training: a LoraLinear keeps what its backward needs; a frozen W needs nothing.
-  void forward_train(const MatRef<Scalar>& in, Mat<Scalar>& y) {
-    if (lora) return lora->forward_train(in, y);
+  // Keep::borrow (LoraLinear's): `in` stays alive and unchanged until backward; a trained plain
+  // layer copies it either way.
+  void forward_train(const Mat<Scalar>& in, Mat<Scalar>& y, Keep keep = Keep::copy) {
+    if (lora) return lora->forward_train(in, y, keep);
     if (trainable) x = in;
     forward(in, y);
   }
-  // dx = dy·W (dy·Wᵀ when stored (in, out)); a LoraLinear also accumulates its gradients.
-  void backward(const MatRef<Scalar>& dy, Mat<Scalar>& dx) {
-    if (lora) return lora->backward(dy, dx);
+  void forward_train(Mat<Scalar>&&, Mat<Scalar>&, Keep = Keep::copy) = delete;
+  // dx = dy·W (dy·Wᵀ when stored (in, out)), or dx += dy·W, or none (InputGrad); a LoraLinear
+  // also accumulates its gradients.
+  void backward(const MatRef<Scalar>& dy, Mat<Scalar>& dx, InputGrad mode = InputGrad::set) {
+    if (lora) return lora->backward(dy, dx, mode);
+    const Index in = fan_in_fan_out ? w.rows() + w16.rows() : w.cols() + w16.cols();  // w or w16 is empty
+    if (mode == InputGrad::add && (dx.rows() != dy.rows() || dx.cols() != in))
+      detail::fail("Projection::backward: dX to add to is ", detail::shape(dx.rows(), dx.cols()), ", expected ",
+                   detail::shape(dy.rows(), in));
     if (trainable) {
       if (fan_in_fan_out)
         grad_w.noalias() += x.transpose() * dy;
@@ -174,10 +183,13 @@ struct Projection {
         grad_w.noalias() += dy.transpose() * x;
       if (b.size()) grad_b += dy.colwise().sum().transpose();
     }
+    if (mode == InputGrad::none) return;
+    Mat<Scalar>& out = mode == InputGrad::set ? dx : scratch;
     if (fan_in_fan_out)
-      times_transposed(dy, w, w16, dx);
+      times_transposed(dy, w, w16, out);
     else
-      times(dy, w, w16, dx);
+      times(dy, w, w16, out);
+    if (mode == InputGrad::add) dx += scratch;
   }
 
   // A plain frozen W moves to bf16 (a LoRA layer's or a trained one's stays in Scalar).
