@@ -17,6 +17,7 @@
 
 #include <lora/detail/files.hpp>
 #include <lora/detail/json.hpp>
+#include <lora/detail/mapped_file.hpp>
 #include <lora/error.hpp>
 #include <lora/types.hpp>
 
@@ -24,7 +25,6 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -36,11 +36,6 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 namespace lora {
 
@@ -118,22 +113,6 @@ namespace detail {
 
 constexpr std::uint64_t kMaxHeaderSize = 100000000;
 
-// Bytes that stay alive as long as any SafeTensors (or Map from it) refers to them.
-struct Storage {
-  std::vector<std::uint8_t> owned;
-  void* mapped = nullptr;
-  std::size_t mapped_size = 0;
-  const std::uint8_t* data = nullptr;
-  std::size_t size = 0;
-
-  Storage() = default;
-  Storage(const Storage&) = delete;
-  Storage& operator=(const Storage&) = delete;
-  ~Storage() {
-    if (mapped) ::munmap(mapped, mapped_size);
-  }
-};
-
 inline bool is_float_dtype(Dtype d) {
   return d == Dtype::F64 || d == Dtype::F32 || d == Dtype::F16 || d == Dtype::BF16;
 }
@@ -192,30 +171,7 @@ inline bool load_int(Dtype d, const std::uint8_t* base, std::size_t i, std::int6
 class SafeTensors {
  public:
   // Maps the file read-only.
-  static SafeTensors open(const std::string& path) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) detail::fail(path, ": cannot open: ", std::strerror(errno));
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-      ::close(fd);
-      detail::fail(path, ": not a regular file");
-    }
-    auto storage = std::make_shared<detail::Storage>();
-    storage->size = static_cast<std::size_t>(st.st_size);
-    if (storage->size > 0) {
-      void* p = ::mmap(nullptr, storage->size, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (p == MAP_FAILED) {
-        int e = errno;
-        ::close(fd);
-        detail::fail(path, ": cannot map: ", std::strerror(e));
-      }
-      storage->mapped = p;
-      storage->mapped_size = storage->size;
-      storage->data = static_cast<const std::uint8_t*>(p);
-    }
-    ::close(fd);
-    return SafeTensors(std::move(storage), path);
-  }
+  static SafeTensors open(const std::string& path) { return SafeTensors(detail::map_file(path), path); }
 
   // Parses a copy of the buffer; label names it in error messages.
   static SafeTensors from_bytes(const void* data, std::size_t size, const std::string& label = "<buffer>") {
@@ -224,11 +180,7 @@ class SafeTensors {
   }
 
   static SafeTensors from_bytes(std::vector<std::uint8_t> bytes, const std::string& label = "<buffer>") {
-    auto storage = std::make_shared<detail::Storage>();
-    storage->owned = std::move(bytes);
-    storage->data = storage->owned.data();
-    storage->size = storage->owned.size();
-    return SafeTensors(std::move(storage), label);
+    return SafeTensors(detail::own_bytes(std::move(bytes)), label);
   }
 
   const std::string& source() const { return source_; }

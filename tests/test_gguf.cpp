@@ -1,0 +1,293 @@
+// GGUF: the reader against a file written by gguf-py (llama.cpp's own writer,
+// tests/data/gguf/make_reference.py), the writer against the same file byte for byte, round
+// trips, and a table of broken files, each refused with its error.
+#include <lora/gguf.hpp>
+
+#include "test_util.hpp"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+namespace {
+
+using lora::Gguf;
+using lora::GgufBuilder;
+using lora::GgufType;
+using lora::GgufValue;
+
+std::vector<std::uint8_t> file_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(f), {});
+}
+
+// The reference file's content, written by GgufBuilder in gguf-py's order.
+GgufBuilder reference_builder() {
+  GgufBuilder b;
+  b.metadata("general.architecture", GgufValue::string("llama"));
+  auto scalar = [&](const char* key, GgufType t, double v) {
+    GgufValue g;
+    g.type = t;
+    if (t == GgufType::f32 || t == GgufType::f64)
+      g.floats = {v};
+    else if (t == GgufType::i8 || t == GgufType::i16 || t == GgufType::i32 || t == GgufType::i64)
+      g.ints = {std::int64_t(v)};
+    else
+      g.uints = {std::uint64_t(v)};
+    b.metadata(key, g);
+  };
+  scalar("test.u8", GgufType::u8, 200);
+  scalar("test.i8", GgufType::i8, -100);
+  scalar("test.u16", GgufType::u16, 60000);
+  scalar("test.i16", GgufType::i16, -30000);
+  scalar("test.u32", GgufType::u32, 4000000000.0);
+  scalar("test.i32", GgufType::i32, -2000000000.0);
+  b.metadata("test.f32", GgufValue::f32(0.1f));
+  b.metadata("test.bool", GgufValue::boolean(true));
+  b.metadata("test.string", GgufValue::string("h\xc3\xa9llo, GGUF"));
+  b.metadata("test.u64", GgufValue::u64((std::uint64_t(1) << 63) + 5));
+  GgufValue i64;
+  i64.type = GgufType::i64;
+  i64.ints = {-(std::int64_t(1) << 62)};
+  b.metadata("test.i64", i64);
+  GgufValue f64;
+  f64.type = GgufType::f64;
+  f64.floats = {1.0 / 3.0};
+  b.metadata("test.f64", f64);
+  b.metadata("test.strings", GgufValue::strings_array({"a", "", "ccc"}));
+  b.metadata("test.i32s", GgufValue::ints_array(GgufType::i32, {1, -2, 3}));
+  b.metadata("test.f32s", GgufValue::floats_array(GgufType::f32, {0.5, -1.25}));
+  GgufValue u8s;
+  u8s.type = GgufType::u8;
+  u8s.array = true;
+  u8s.uints = {1, 2, 255};
+  b.metadata("test.u8s", u8s);
+  lora::Mat<float> x(2, 3);
+  for (int i = 0; i < 6; ++i) x.data()[i] = (float(i) - 2.5f) / 3.0f;
+  b.add("blk.0.attn_q.weight", x, lora::GgmlType::f32);
+  lora::Mat<float> h(1, 4);
+  h << 1.0f, -2.5f, 65504.0f, 1e-4f;
+  b.add("f16", h, lora::GgmlType::f16);
+  lora::Mat<float> bf(1, 3);
+  bf << 1.0f, -0.15625f, 3.0e38f;  // gguf-py truncated these to bf16; all three are exact in bf16 but 3e38
+  b.add("bf16", bf, lora::GgmlType::bf16);
+  std::vector<std::uint8_t> q8(34);
+  for (int i = 0; i < 34; ++i) q8[i] = std::uint8_t(i);
+  b.add_raw("q8", 8, {32, 1}, q8);
+  return b;
+}
+
+TEST(Gguf, ReadsWhatGgufPyWrote) {
+  const Gguf g = Gguf::open(data_path("gguf/reference.gguf"));
+  EXPECT_EQ(g.version(), 3u);
+  EXPECT_EQ(g.alignment(), 32u);
+  ASSERT_EQ(g.metadata().size(), 17u);
+  EXPECT_EQ(g.metadata()[0].first, "general.architecture");
+  EXPECT_EQ(g.string("general.architecture"), "llama");
+  EXPECT_EQ(g.uint("test.u8", GgufType::u8), 200u);
+  EXPECT_EQ(g.integer("test.i8", GgufType::i8), -100);
+  EXPECT_EQ(g.uint("test.u16", GgufType::u16), 60000u);
+  EXPECT_EQ(g.integer("test.i16", GgufType::i16), -30000);
+  EXPECT_EQ(g.uint("test.u32", GgufType::u32), 4000000000u);
+  EXPECT_EQ(g.integer("test.i32", GgufType::i32), -2000000000);
+  EXPECT_EQ(g.floating("test.f32", GgufType::f32), double(0.1f));
+  EXPECT_EQ(g.uint("test.bool", GgufType::boolean), 1u);
+  EXPECT_EQ(g.string("test.string"), "h\xc3\xa9llo, GGUF");
+  EXPECT_EQ(g.uint("test.u64", GgufType::u64), (std::uint64_t(1) << 63) + 5);
+  EXPECT_EQ(g.integer("test.i64", GgufType::i64), -(std::int64_t(1) << 62));
+  EXPECT_EQ(g.floating("test.f64", GgufType::f64), 1.0 / 3.0);
+  EXPECT_EQ(g.value("test.strings").strings, (std::vector<std::string>{"a", "", "ccc"}));
+  EXPECT_TRUE(g.value("test.strings").array);
+  EXPECT_EQ(g.value("test.i32s").ints, (std::vector<std::int64_t>{1, -2, 3}));
+  EXPECT_EQ(g.value("test.f32s").floats, (std::vector<double>{0.5, -1.25}));
+  EXPECT_EQ(g.value("test.u8s").uints, (std::vector<std::uint64_t>{1, 2, 255}));
+  EXPECT_LORA_ERROR(g.string("test.u32"), "metadata 'test.u32' is u32, expected string");
+  EXPECT_LORA_ERROR(g.uint("test.strings", GgufType::u32), "'test.strings' is an array of string, expected u32");
+  EXPECT_LORA_ERROR(g.value("nope"), "no metadata key 'nope'");
+
+  ASSERT_EQ(g.tensors().size(), 4u);
+  const lora::GgufTensorInfo& q = g.info("blk.0.attn_q.weight");
+  EXPECT_EQ(q.ne, (std::vector<std::uint64_t>{3, 2}));
+  EXPECT_EQ(q.offset, 0u);
+  EXPECT_EQ(g.info("f16").offset, 32u);  // 24 bytes padded to 32
+  EXPECT_EQ(g.info("bf16").offset, 64u);
+  EXPECT_EQ(g.info("q8").offset, 96u);
+  EXPECT_EQ(g.info("q8").bytes, 34u);
+  const lora::Mat<double> m = g.matrix<double>("blk.0.attn_q.weight");
+  ASSERT_EQ(m.rows(), 2);
+  ASSERT_EQ(m.cols(), 3);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(m.data()[i], double((float(i) - 2.5f) / 3.0f));
+  const lora::Mat<double> h = g.matrix<double>("f16");
+  EXPECT_EQ(h(0, 1), -2.5);
+  EXPECT_EQ(h(0, 2), 65504.0);
+  EXPECT_EQ(h(0, 3), double(float(Eigen::half(1e-4f))));
+  const lora::Mat<double> bf = g.matrix<double>("bf16");
+  EXPECT_EQ(bf(0, 1), -0.15625);
+  EXPECT_EQ(g.bytes("q8")[33], 33);
+  EXPECT_LORA_ERROR(g.matrix<float>("q8"), "tensor 'q8' has type Q8_0; only F32, F16, BF16 and F64 convert");
+  EXPECT_LORA_ERROR(g.info("x"), "no tensor 'x'");
+}
+
+// gguf-py truncates float32 to bf16 (drops the low 16 bits); GgufBuilder rounds to nearest even.
+// 3e38 is where the two differ, so the writer's bytes are compared with that element set apart.
+TEST(Gguf, WriterReproducesGgufPyByteForByte) {
+  std::vector<std::uint8_t> ours = reference_builder().serialize(), theirs = file_bytes(data_path("gguf/reference.gguf"));
+  ASSERT_EQ(ours.size(), theirs.size());
+  const Gguf g = Gguf::from_bytes(theirs);
+  const std::size_t at = g.data_offset() + g.info("bf16").offset + 4;  // element 2 of bf16
+  float v = 3.0e38f;
+  std::uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  ASSERT_EQ(bits, 0x7f61b1e6u);  // truncated 0x7f61, rounded to nearest 0x7f62
+  EXPECT_EQ(theirs[at] | theirs[at + 1] << 8, 0x7f61);
+  EXPECT_EQ(ours[at] | ours[at + 1] << 8, 0x7f62);
+  ours[at] = theirs[at];
+  EXPECT_TRUE(ours == theirs);
+}
+
+TEST(Gguf, RoundTripsAndSavesAtomically) {
+  const GgufBuilder b = reference_builder();
+  const std::vector<std::uint8_t> bytes = b.serialize();
+  EXPECT_EQ(bytes, reference_builder().serialize());  // deterministic
+  const Gguf g = Gguf::from_bytes(bytes, "mine");
+  GgufBuilder again;  // every key and tensor copied through the reader
+  for (const auto& [k, v] : g.metadata()) again.metadata(k, v);
+  for (const auto& t : g.tensors())
+    again.add_raw(t.name, t.type, t.ne, std::vector<std::uint8_t>(g.bytes(t.name), g.bytes(t.name) + t.bytes));
+  EXPECT_EQ(again.serialize(), bytes);
+
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_gguf";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "a.gguf").string();
+  b.save(path);
+  EXPECT_EQ(file_bytes(path), bytes);
+  EXPECT_EQ(Gguf::open(path).metadata().size(), 17u);
+  std::filesystem::remove_all(dir);
+
+  GgufBuilder aligned;  // another alignment: every offset and the data start follow it
+  aligned.metadata("general.alignment", GgufValue::u32(64));
+  aligned.add("a", lora::Mat<float>::Ones(1, 3), lora::GgmlType::f32);
+  aligned.add("b", lora::Mat<float>::Ones(2, 2), lora::GgmlType::f16);
+  const std::vector<std::uint8_t> ab = aligned.serialize();
+  const Gguf ga = Gguf::from_bytes(ab);
+  EXPECT_EQ(ga.alignment(), 64u);
+  EXPECT_EQ(ga.info("b").offset, 64u);
+  EXPECT_EQ(ab.size() % 64, 0u);
+  EXPECT_EQ(ga.matrix<float>("b"), lora::Mat<float>::Ones(2, 2));
+}
+
+TEST(Gguf, BuilderRefusesBadInput) {
+  GgufBuilder b;
+  b.metadata("k", GgufValue::u32(1));
+  EXPECT_LORA_ERROR(b.metadata("k", GgufValue::u32(2)), "metadata key 'k' set twice");
+  EXPECT_LORA_ERROR(b.metadata("", GgufValue::u32(2)), "empty metadata key");
+  GgufValue big;
+  big.type = GgufType::u8;
+  big.uints = {256};
+  EXPECT_LORA_ERROR(b.metadata("big", big), "256 does not fit in u8");
+  GgufValue wrong;
+  wrong.type = GgufType::u32;
+  wrong.ints = {1};
+  EXPECT_LORA_ERROR(b.metadata("wrong", wrong), "not u32's");
+  EXPECT_LORA_ERROR(b.metadata("general.alignment", GgufValue::u32(48)), "power of two");
+  EXPECT_LORA_ERROR(b.add_raw(std::string(64, 'n'), 0, {1}, {0, 0, 0, 0}), "1 to 63 bytes");
+  EXPECT_LORA_ERROR(b.add_raw("q", 8, {31}, std::vector<std::uint8_t>(34)), "not a multiple of Q8_0's block of 32");
+  EXPECT_LORA_ERROR(b.add_raw("f", 0, {2}, {0, 0, 0, 0}), "4 bytes, expected 8 for F32");
+  EXPECT_LORA_ERROR(b.add_raw("t", 99, {2}, {}), "tensor type 99 unknown");
+  b.add_raw("t", 0, {1}, {0, 0, 0, 0});
+  EXPECT_LORA_ERROR(b.add_raw("t", 0, {1}, {0, 0, 0, 0}), "tensor 't' added twice");
+  EXPECT_LORA_ERROR(b.metadata("general.alignment", GgufValue::u32(64)), "before adding tensors");
+  const std::size_t size = b.serialize().size();
+  EXPECT_EQ(Gguf::from_bytes(b.serialize()).tensors().size(), 1u);  // the refusals left it as it was
+  EXPECT_EQ(size, b.serialize().size());
+}
+
+// A little-endian byte writer for hand-made headers.
+struct Bytes {
+  std::vector<std::uint8_t> v;
+  template <class T>
+  Bytes& put(T x) {
+    const auto* p = reinterpret_cast<const std::uint8_t*>(&x);
+    v.insert(v.end(), p, p + sizeof(T));
+    return *this;
+  }
+  Bytes& str(const std::string& s) {
+    put(std::uint64_t(s.size()));
+    v.insert(v.end(), s.begin(), s.end());
+    return *this;
+  }
+  Bytes& header(std::uint64_t tensors, std::uint64_t kv, std::uint32_t version = 3) {
+    v.insert(v.end(), {'G', 'G', 'U', 'F'});
+    return put(version).put(tensors).put(kv);
+  }
+  Bytes& tensor(const std::string& name, std::vector<std::uint64_t> ne, std::uint32_t type, std::uint64_t offset) {
+    str(name).put(std::uint32_t(ne.size()));
+    for (auto d : ne) put(d);
+    return put(type).put(offset);
+  }
+  Bytes& pad(std::size_t to = 32) {
+    v.resize((v.size() + to - 1) / to * to, 0);
+    return *this;
+  }
+  Bytes& zeros(std::size_t n) {
+    v.resize(v.size() + n, 0);
+    return *this;
+  }
+};
+
+TEST(Gguf, BrokenFilesAreRefusedByName) {
+  struct Case {
+    const char* what;
+    std::vector<std::uint8_t> bytes;
+    const char* error;
+  };
+  const auto cut = [](std::vector<std::uint8_t> v, std::size_t n) {
+    v.resize(v.size() - n);
+    return v;
+  };
+  const auto f32_file = [](std::uint64_t offset, std::size_t data) {
+    return Bytes().header(1, 0).tensor("w", {2}, 0, offset).pad().zeros(data).v;
+  };
+  const std::vector<Case> cases = {
+      {"empty", {}, "not a GGUF file"},
+      {"wrong magic", Bytes().put(std::uint32_t(0x46554746)).v, "not a GGUF file"},
+      {"version 1", Bytes().header(0, 0, 1).v, "GGUF version 1 is not supported"},
+      {"header cut", cut(Bytes().header(0, 0).v, 3), "file ends inside the header"},
+      {"huge kv count", Bytes().header(0, std::uint64_t(1) << 60).v, "metadata count 1152921504606846976 cannot fit"},
+      {"duplicate key", Bytes().header(0, 2).str("a").put(std::uint32_t(4)).put(std::uint32_t(1)).str("a").put(std::uint32_t(4)).put(std::uint32_t(1)).v, "metadata key 'a' appears twice"},
+      {"empty key", Bytes().header(0, 1).str("").put(std::uint32_t(4)).put(std::uint32_t(1)).v, "metadata key 0 is empty"},
+      {"unknown value type", Bytes().header(0, 1).str("a").put(std::uint32_t(13)).put(std::uint32_t(1)).v, "metadata 'a': value type 13 unknown"},
+      {"nested array", Bytes().header(0, 1).str("a").put(std::uint32_t(9)).put(std::uint32_t(9)).put(std::uint64_t(0)).zeros(8).v, "nested arrays"},
+      {"array too long", Bytes().header(0, 1).str("a").put(std::uint32_t(9)).put(std::uint32_t(4)).put(std::uint64_t(1000)).zeros(8).v, "array of 1000 elements runs past the end"},
+      {"bool 2", Bytes().header(0, 1).str("a").put(std::uint32_t(7)).put(std::uint8_t(2)).v, "bool value 2, expected 0 or 1"},
+      {"string past the end", Bytes().header(0, 1).str("a").put(std::uint32_t(8)).put(std::uint64_t(100)).zeros(4).v, "string of 100 bytes runs past the end"},
+      {"value cut", Bytes().header(0, 1).str("a").put(std::uint32_t(10)).zeros(4).v, "file ends inside metadata 'a'"},
+      {"alignment 48", Bytes().header(0, 1).str("general.alignment").put(std::uint32_t(4)).put(std::uint32_t(48)).v, "general.alignment 48 is not a power of two"},
+      {"alignment as u64", Bytes().header(0, 1).str("general.alignment").put(std::uint32_t(10)).put(std::uint64_t(32)).v, "'general.alignment' is u64, expected u32"},
+      {"huge tensor count", Bytes().header(std::uint64_t(1) << 40, 0).zeros(64).v, "tensor count 1099511627776 cannot fit"},
+      {"name of 64 bytes", Bytes().header(1, 0).tensor(std::string(64, 'n'), {2}, 0, 0).pad().zeros(8).v, "name of 64 bytes, the limit is 63"},
+      {"empty tensor name", Bytes().header(1, 0).tensor("", {2}, 0, 0).pad().zeros(8).v, "tensor info 0 has an empty name"},
+      {"duplicate tensor", Bytes().header(2, 0).tensor("w", {2}, 0, 0).tensor("w", {2}, 0, 32).pad().zeros(40).v, "tensor 'w' appears twice"},
+      {"no dimensions", Bytes().header(1, 0).tensor("w", {}, 0, 0).pad().v, "tensor 'w': 0 dimensions, expected 1 to 4"},
+      {"5 dimensions", Bytes().header(1, 0).tensor("w", {1, 1, 1, 1, 1}, 0, 0).pad().zeros(4).v, "5 dimensions, expected 1 to 4"},
+      {"dimensions overflow", Bytes().header(1, 0).tensor("w", {std::uint64_t(1) << 40, std::uint64_t(1) << 40}, 0, 0).pad().v, "tensor 'w': dimensions overflow"},
+      {"unknown tensor type", Bytes().header(1, 0).tensor("w", {2}, 99, 0).pad().zeros(8).v, "tensor 'w': tensor type 99 unknown"},
+      {"Q8_0 row of 31", Bytes().header(1, 0).tensor("w", {31}, 8, 0).pad().zeros(34).v, "ne[0] = 31 is not a multiple of Q8_0's block of 32"},
+      {"offset not the running total", f32_file(32, 64), "tensor 'w': offset 32, expected 0"},
+      {"overlapping tensors", Bytes().header(2, 0).tensor("a", {16}, 0, 0).tensor("b", {2}, 0, 32).pad().zeros(96).v, "tensor 'b': offset 32, expected 64"},
+      {"data cut", f32_file(0, 4), "tensor 'w' ends at byte 72, past the end of the file (68 bytes)"},
+      {"trailing bytes", f32_file(0, 33), "1 bytes after the last tensor"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    EXPECT_LORA_ERROR(Gguf::from_bytes(c.bytes, "broken.gguf"), "broken.gguf: ", c.error);
+  }
+  // The same layouts made valid are accepted: the table's errors come from the one broken field.
+  EXPECT_NO_THROW(Gguf::from_bytes(f32_file(0, 8)));
+  EXPECT_NO_THROW(Gguf::from_bytes(f32_file(0, 32)));  // padded to the alignment, as gguf-py writes
+  EXPECT_NO_THROW(Gguf::from_bytes(Bytes().header(0, 1).str("a").put(std::uint32_t(7)).put(std::uint8_t(1)).v));
+  EXPECT_NO_THROW(Gguf::from_bytes(Bytes().header(1, 0).tensor("w", {32}, 8, 0).pad().zeros(34).v));
+  EXPECT_LORA_ERROR(Gguf::open("/nonexistent/x.gguf"), "/nonexistent/x.gguf: cannot open");
+}
+
+}  // namespace
