@@ -1,7 +1,13 @@
 // GGUF: the reader against a file written by gguf-py (llama.cpp's own writer,
 // tests/data/gguf/make_reference.py), the writer against the same file byte for byte, round
-// trips, and a table of broken files, each refused with its error.
+// trips, and a table of broken files, each refused with its error. LoRA adapters for llama.cpp:
+// the tiny Llama's against llama.cpp's converter (tests/data/gguf/make_adapters.sh), GPT-2's
+// orientation, the one-alpha rule, refusals.
 #include <lora/gguf.hpp>
+#include <lora/models/gguf_adapter.hpp>
+#include <lora/models/gguf_model.hpp>
+#include <lora/models/gpt2.hpp>
+#include <lora/models/llama.hpp>
 
 #include "test_util.hpp"
 
@@ -67,10 +73,10 @@ GgufBuilder reference_builder() {
   b.add("blk.0.attn_q.weight", x, lora::GgmlType::f32);
   lora::Mat<float> h(1, 4);
   h << 1.0f, -2.5f, 65504.0f, 1e-4f;
-  b.add("f16", h, lora::GgmlType::f16);
+  b.add("f16", h, lora::GgmlType::f16, {4});
   lora::Mat<float> bf(1, 3);
   bf << 1.0f, -0.15625f, 3.0e38f;  // gguf-py truncated these to bf16; all three are exact in bf16 but 3e38
-  b.add("bf16", bf, lora::GgmlType::bf16);
+  b.add("bf16", bf, lora::GgmlType::bf16, {3});
   std::vector<std::uint8_t> q8(34);
   for (int i = 0; i < 34; ++i) q8[i] = std::uint8_t(i);
   b.add_raw("q8", 8, {32, 1}, q8);
@@ -166,7 +172,7 @@ TEST(Gguf, RoundTripsAndSavesAtomically) {
 
   GgufBuilder aligned;  // another alignment: every offset and the data start follow it
   aligned.metadata("general.alignment", GgufValue::u32(64));
-  aligned.add("a", lora::Mat<float>::Ones(1, 3), lora::GgmlType::f32);
+  aligned.add("a", lora::Mat<float>::Ones(1, 3), lora::GgmlType::f32, {3});
   aligned.add("b", lora::Mat<float>::Ones(2, 2), lora::GgmlType::f16);
   const std::vector<std::uint8_t> ab = aligned.serialize();
   const Gguf ga = Gguf::from_bytes(ab);
@@ -288,6 +294,150 @@ TEST(Gguf, BrokenFilesAreRefusedByName) {
   EXPECT_NO_THROW(Gguf::from_bytes(Bytes().header(0, 1).str("a").put(std::uint32_t(7)).put(std::uint8_t(1)).v));
   EXPECT_NO_THROW(Gguf::from_bytes(Bytes().header(1, 0).tensor("w", {32}, 8, 0).pad().zeros(34).v));
   EXPECT_LORA_ERROR(Gguf::open("/nonexistent/x.gguf"), "/nonexistent/x.gguf: cannot open");
+}
+
+
+std::string temp_file(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_gguf_adapter";
+  std::filesystem::create_directories(dir);
+  return (dir / name).string();
+}
+
+// Every tensor of ref in got, same ne, type and bytes; the adapter keys equal.
+void same_adapter(const Gguf& got, const Gguf& ref) {
+  for (const char* key : {"general.architecture", "general.type", "adapter.type"}) EXPECT_EQ(got.string(key), ref.string(key)) << key;
+  EXPECT_EQ(got.floating("adapter.lora.alpha", GgufType::f32), ref.floating("adapter.lora.alpha", GgufType::f32));
+  ASSERT_EQ(got.tensors().size(), ref.tensors().size());
+  for (const auto& t : ref.tensors()) {
+    SCOPED_TRACE(t.name);
+    ASSERT_TRUE(got.contains(t.name));
+    const lora::GgufTensorInfo& u = got.info(t.name);
+    EXPECT_EQ(u.ne, t.ne);
+    EXPECT_EQ(u.type, t.type);
+    EXPECT_EQ(std::memcmp(got.bytes(t.name), ref.bytes(t.name), t.bytes), 0);
+  }
+}
+
+// The tiny Llama's PEFT adapter (r 4 on every linear) as llama.cpp's convert_lora_to_gguf.py
+// writes it: names, shapes, q/k's lora_b rows in llama.cpp's rotary order, values bit for bit.
+TEST(GgufAdapter, LlamaMatchesLlamaCppsConverter) {
+  const std::string dir = data_path("models/tiny_llama");
+  const auto config = lora::PeftConfig::read(dir + "/adapter/adapter_config.json");
+  lora::LlamaModel<float> model(dir, &config);
+  model.load_adapter(dir + "/adapter");
+  const std::string path = temp_file("llama.gguf");
+  lora::save_gguf_adapter(path, model.config(), model.modules());
+  const Gguf ours = Gguf::open(path), ref = Gguf::open(data_path("gguf/tiny_llama_adapter.gguf"));
+  same_adapter(ours, ref);
+  EXPECT_EQ(ours.floating("adapter.lora.alpha", GgufType::f32), 8.0);
+  // q_proj's B rows moved (heads of 8 rows: 0 4 1 5 2 6 3 7), v_proj's not
+  const lora::Mat<float> bq = model.modules().at("model.layers.0.self_attn.q_proj").lora_B(), bv = model.modules().at("model.layers.0.self_attn.v_proj").lora_B();
+  const lora::Mat<float> gq = ours.matrix<float>("blk.0.attn_q.weight.lora_b"), gv = ours.matrix<float>("blk.0.attn_v.weight.lora_b");
+  EXPECT_EQ(gq.row(1), bq.row(4));
+  EXPECT_EQ(gq.row(8 + 6), bq.row(8 + 3));
+  EXPECT_EQ(gv, bv);
+  lora::save_gguf_adapter(path, model.config(), model.modules(), lora::GgmlType::bf16);
+  const lora::Mat<float> a16 = Gguf::open(path).matrix<float>("blk.1.ffn_up.weight.lora_a");
+  EXPECT_EQ(a16, model.modules().at("model.layers.1.mlp.up_proj").lora_A().cast<Eigen::bfloat16>().cast<float>());
+}
+
+// GPT-2's Conv1D layers: lora_a ne = {in, r}, lora_b ne = {r, out} with A and B as PEFT holds
+// them, as llama.cpp checks against its (transposed) weights: attn_qkv is ne {32, 96}.
+TEST(GgufAdapter, Gpt2FactorsGoInAsPeftHoldsThem) {
+  const std::string dir = data_path("models/tiny_gpt2");
+  const auto config = lora::PeftConfig::read(dir + "/adapter/adapter_config.json");
+  lora::Gpt2Model<float> model(dir, &config);
+  model.load_adapter(dir + "/adapter");
+  const std::string path = temp_file("gpt2.gguf");
+  lora::save_gguf_adapter(path, model.config(), model.modules());
+  const Gguf g = Gguf::open(path);
+  EXPECT_EQ(g.string("general.architecture"), "gpt2");
+  EXPECT_EQ(g.tensors().size(), 16u);
+  EXPECT_EQ(g.info("blk.0.attn_qkv.weight.lora_a").ne, (std::vector<std::uint64_t>{32, 4}));
+  EXPECT_EQ(g.info("blk.0.attn_qkv.weight.lora_b").ne, (std::vector<std::uint64_t>{4, 96}));
+  EXPECT_EQ(g.info("blk.1.ffn_down.weight.lora_a").ne, (std::vector<std::uint64_t>{128, 4}));
+  const auto& attn = model.modules().at("transformer.h.0.attn.c_attn");
+  EXPECT_EQ(g.matrix<float>("blk.0.attn_qkv.weight.lora_a"), attn.lora_A());
+  EXPECT_EQ(g.matrix<float>("blk.0.attn_qkv.weight.lora_b"), attn.lora_B());
+}
+
+// One alpha per file: a uniform rsLoRA adapter gets alpha·√r and unchanged factors; a layer whose
+// alpha differs (alpha_pattern) has its B scaled so that llama.cpp's alpha / r gives its scale.
+TEST(GgufAdapter, OneAlphaServesEveryLayer) {
+  const std::string dir = data_path("models/tiny_llama");
+  const auto rs = lora::PeftConfig::from_json(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": true,
+      "target_modules": ["q_proj", "v_proj"]})");
+  lora::LlamaModel<double> a(dir, &rs);
+  for (const auto& [path, layer] : a.modules()) layer->set_lora_B(random_mat(layer->out_features(), 4, 5));
+  const std::string file = temp_file("rs.gguf");
+  lora::save_gguf_adapter(file, a.config(), a.modules());
+  const Gguf g = Gguf::open(file);
+  EXPECT_EQ(g.floating("adapter.lora.alpha", GgufType::f32), double(float(8.0 * 2.0)));  // alpha·√4
+  EXPECT_EQ(g.matrix<double>("blk.0.attn_v.weight.lora_b"), a.modules().at("model.layers.0.self_attn.v_proj").lora_B().cast<float>().cast<double>());
+
+  const auto pat = lora::PeftConfig::from_json(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+      "target_modules": ["q_proj", "v_proj"], "alpha_pattern": {"model.layers.1.self_attn.v_proj": 2}})");
+  lora::LlamaModel<double> b(dir, &pat);
+  for (const auto& [path, layer] : b.modules()) layer->set_lora_B(random_mat(layer->out_features(), 4, 6));
+  lora::save_gguf_adapter(file, b.config(), b.modules());
+  const Gguf h = Gguf::open(file);
+  const double alpha = h.floating("adapter.lora.alpha", GgufType::f32);
+  const lora::Mat<double> b1 = b.modules().at("model.layers.1.self_attn.v_proj").lora_B(), b0 = b.modules().at("model.layers.0.self_attn.v_proj").lora_B();
+  // the file's scale for each layer, alpha / r, times its B: the layer's s·B (s = 2/4 and 8/4)
+  const lora::Mat<double> g1 = h.matrix<double>("blk.1.attn_v.weight.lora_b"), g0 = h.matrix<double>("blk.0.attn_v.weight.lora_b");
+  EXPECT_LT((alpha / 4 * g1 - 0.5 * b1).cwiseAbs().maxCoeff(), 1e-6);
+  EXPECT_LT((alpha / 4 * g0 - 2.0 * b0).cwiseAbs().maxCoeff(), 1e-6);
+  std::filesystem::remove_all(std::filesystem::path(file).parent_path());
+}
+
+TEST(GgufAdapter, RefusesWhatLlamaCppCannotLoad) {
+  const std::string dir = data_path("models/tiny_llama");
+  const auto dora = lora::PeftConfig::from_json(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": true,
+      "target_modules": ["q_proj"]})");
+  lora::LlamaModel<float> a(dir, &dora);
+  const std::string file = temp_file("refused.gguf");
+  EXPECT_LORA_ERROR(lora::save_gguf_adapter(file, a.config(), a.modules()), "model.layers.0.self_attn.q_proj is DoRA");
+  EXPECT_FALSE(std::filesystem::exists(file));
+  lora::LmConfig other = a.config();
+  other.model_type = "mistral";
+  EXPECT_LORA_ERROR(lora::save_gguf_adapter(file, other, a.modules()), "model_type 'mistral'");
+  const auto cfg = lora::PeftConfig::from_json(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})");
+  lora::LlamaModel<float> b(dir, &cfg);
+  EXPECT_LORA_ERROR(lora::save_gguf_adapter(file, b.config(), b.modules(), lora::GgmlType::f64), "dtype must be F32, F16 or BF16");
+  EXPECT_LORA_ERROR(lora::save_gguf_adapter(file, b.config(), b.modules(), lora::GgmlType::f32, "other"),
+                    "model.layers.0.self_attn.q_proj has no adapter 'other'");
+  EXPECT_FALSE(std::filesystem::exists(file));
+}
+
+
+// The tiny Llama as a GGUF model: llama.cpp's keys and names, every weight as in the checkpoint
+// but q/k's rows (llama.cpp's rotary order), no tokenizer ("no_vocab" with llama.vocab_size).
+TEST(GgufModel, LlamaCheckpointAsLlamaCppNamesIt) {
+  const std::string dir = data_path("models/tiny_llama"), file = temp_file("model.gguf");
+  lora::save_gguf_model(dir, file);
+  const Gguf g = Gguf::open(file);
+  const lora::SafeTensors st = lora::SafeTensors::open(dir + "/model.safetensors");
+  EXPECT_EQ(g.string("general.architecture"), "llama");
+  EXPECT_EQ(g.string("tokenizer.ggml.model"), "no_vocab");
+  EXPECT_EQ(g.uint("llama.vocab_size", GgufType::u32), 64u);
+  EXPECT_EQ(g.uint("llama.block_count", GgufType::u32), 2u);
+  EXPECT_EQ(g.uint("llama.attention.head_count_kv", GgufType::u32), 2u);
+  EXPECT_EQ(g.floating("llama.attention.layer_norm_rms_epsilon", GgufType::f32), double(1e-5f));
+  EXPECT_EQ(g.tensors().size(), 2u + 2 * 9 + 1);
+  EXPECT_EQ(g.info("token_embd.weight").ne, (std::vector<std::uint64_t>{32, 64}));
+  EXPECT_EQ(g.info("blk.1.attn_k.weight").ne, (std::vector<std::uint64_t>{32, 16}));
+  EXPECT_EQ(g.info("blk.0.ffn_norm.weight").ne, (std::vector<std::uint64_t>{32}));
+  EXPECT_EQ(g.matrix<float>("output.weight"), st.matrix<float>("lm_head.weight"));
+  EXPECT_EQ(g.matrix<float>("blk.1.ffn_down.weight"), st.matrix<float>("model.layers.1.mlp.down_proj.weight"));
+  const lora::Mat<float> k = st.matrix<float>("model.layers.0.self_attn.k_proj.weight"), gk = g.matrix<float>("blk.0.attn_k.weight");
+  EXPECT_EQ(gk.row(2), k.row(1));  // head 0: rows 0 4 1 5 2 6 3 7
+  EXPECT_EQ(gk.row(8 + 3), k.row(8 + 5));
+  lora::save_gguf_model(dir, file, lora::GgmlType::f16);
+  EXPECT_EQ(Gguf::open(file).info("blk.0.attn_v.weight").type, 1u);
+  EXPECT_EQ(Gguf::open(file).info("blk.0.attn_norm.weight").type, 0u);  // norms stay F32
+  EXPECT_LORA_ERROR(lora::save_gguf_model(data_path("models/tiny_gpt2"), file), "model_type 'gpt2': only llama is written");
+  EXPECT_LORA_ERROR(lora::save_gguf_model(data_path("models/tiny_llama_gqa1"), file), "biases are not written");
+  std::filesystem::remove_all(std::filesystem::path(file).parent_path());
 }
 
 }  // namespace

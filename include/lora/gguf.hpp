@@ -420,10 +420,10 @@ class GgufBuilder {
     return *this;
   }
 
-  // A matrix (rows, cols) as ne = {cols, rows} (a vector: give it as one row), converted to F32,
-  // F16 or BF16 (round to nearest even) or F64.
+  // A matrix (rows, cols) as ne = {cols, rows}, or as the given ne with as many elements (a
+  // vector: one row, ne = {n}), converted to F32, F16 or BF16 (round to nearest even) or F64.
   template <class Derived>
-  GgufBuilder& add(const std::string& name, const Eigen::DenseBase<Derived>& m, GgmlType type) {
+  GgufBuilder& add(const std::string& name, const Eigen::DenseBase<Derived>& m, GgmlType type, std::vector<std::uint64_t> ne = {}) {
     const Index rows = m.rows(), cols = m.cols();
     const auto* ti = detail::ggml_type_info(static_cast<std::uint32_t>(type));
     std::vector<std::uint8_t> bytes(static_cast<std::size_t>(rows * cols) * ti->bytes);
@@ -438,9 +438,8 @@ class GgufBuilder {
           case GgmlType::bf16: put(bytes, k, Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(static_cast<float>(v)))); break;
         }
       }
-    const std::vector<std::uint64_t> ne = rows == 1 ? std::vector<std::uint64_t>{std::uint64_t(cols)}
-                                                    : std::vector<std::uint64_t>{std::uint64_t(cols), std::uint64_t(rows)};
-    return add_raw(name, static_cast<std::uint32_t>(type), ne, std::move(bytes));
+    if (ne.empty()) ne = {std::uint64_t(cols), std::uint64_t(rows)};
+    return add_raw(name, static_cast<std::uint32_t>(type), std::move(ne), std::move(bytes));
   }
 
   // Already-encoded bytes of any ggml type; their count must be the type's size of ne.

@@ -95,6 +95,17 @@ std::string adapter_of(const LoraLinear<Scalar>& layer, const std::string& adapt
   return adapter.empty() ? layer.active_adapter() : adapter;
 }
 
+// adapter_of for a writer: empty, with the problem noted, when the layer lacks the named adapter.
+template <class Scalar>
+std::string adapter_to_save(const LoraLinear<Scalar>& layer, const std::string& module, const std::string& adapter,
+                            std::vector<std::string>& problems) {
+  if (!adapter.empty() && !layer.has_adapter(adapter)) {
+    problems.push_back(module + " has no adapter '" + adapter + "'");
+    return "";
+  }
+  return adapter_of(layer, adapter);
+}
+
 }  // namespace detail
 
 // Reads DIR/adapter_config.json and DIR/adapter_model.safetensors into the mapped layers: in each
@@ -230,11 +241,8 @@ void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, cons
   std::vector<std::string> problems;
   SafeTensorsBuilder b;
   for (const auto& [module, layer] : modules) {
-    if (!adapter.empty() && !layer->has_adapter(adapter)) {
-      problems.push_back(module + " has no adapter '" + adapter + "'");
-      continue;
-    }
-    const std::string name = detail::adapter_of(*layer, adapter);
+    const std::string name = detail::adapter_to_save(*layer, module, adapter, problems);
+    if (name.empty()) continue;
     const LoraConfig& lc = layer->config(name);
     if (!config.targets(module)) {
       problems.push_back(module + " is not selected by target_modules");
