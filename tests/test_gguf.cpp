@@ -27,6 +27,14 @@ std::vector<std::uint8_t> file_bytes(const std::string& path) {
   return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(f), {});
 }
 
+// A file in a directory of the running test's own (ctest runs the tests in parallel).
+std::string temp_file(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("lora_test_gguf." + std::string(testing::UnitTest::GetInstance()->current_test_info()->name()));
+  std::filesystem::create_directories(dir);
+  return (dir / name).string();
+}
+
 // The reference file's content, written by GgufBuilder in gguf-py's order.
 GgufBuilder reference_builder() {
   GgufBuilder b;
@@ -162,13 +170,11 @@ TEST(Gguf, RoundTripsAndSavesAtomically) {
     again.add_raw(t.name, t.type, t.ne, std::vector<std::uint8_t>(g.bytes(t.name), g.bytes(t.name) + t.bytes));
   EXPECT_EQ(again.serialize(), bytes);
 
-  const auto dir = std::filesystem::temp_directory_path() / "lora_test_gguf";
-  std::filesystem::create_directories(dir);
-  const std::string path = (dir / "a.gguf").string();
+  const std::string path = temp_file("a.gguf");
   b.save(path);
   EXPECT_EQ(file_bytes(path), bytes);
   EXPECT_EQ(Gguf::open(path).metadata().size(), 17u);
-  std::filesystem::remove_all(dir);
+  std::filesystem::remove_all(std::filesystem::path(path).parent_path());
 
   GgufBuilder aligned;  // another alignment: every offset and the data start follow it
   aligned.metadata("general.alignment", GgufValue::u32(64));
@@ -297,12 +303,6 @@ TEST(Gguf, BrokenFilesAreRefusedByName) {
 }
 
 
-std::string temp_file(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / "lora_test_gguf_adapter";
-  std::filesystem::create_directories(dir);
-  return (dir / name).string();
-}
-
 // Every tensor of ref in got, same ne, type and bytes; the adapter keys equal.
 void same_adapter(const Gguf& got, const Gguf& ref) {
   for (const char* key : {"general.architecture", "general.type", "adapter.type"}) EXPECT_EQ(got.string(key), ref.string(key)) << key;
@@ -339,6 +339,7 @@ TEST(GgufAdapter, LlamaMatchesLlamaCppsConverter) {
   lora::save_gguf_adapter(path, model.config(), model.modules(), lora::GgmlType::bf16);
   const lora::Mat<float> a16 = Gguf::open(path).matrix<float>("blk.1.ffn_up.weight.lora_a");
   EXPECT_EQ(a16, model.modules().at("model.layers.1.mlp.up_proj").lora_A().cast<Eigen::bfloat16>().cast<float>());
+  std::filesystem::remove_all(std::filesystem::path(path).parent_path());
 }
 
 // GPT-2's Conv1D layers: lora_a ne = {in, r}, lora_b ne = {r, out} with A and B as PEFT holds
@@ -359,6 +360,7 @@ TEST(GgufAdapter, Gpt2FactorsGoInAsPeftHoldsThem) {
   const auto& attn = model.modules().at("transformer.h.0.attn.c_attn");
   EXPECT_EQ(g.matrix<float>("blk.0.attn_qkv.weight.lora_a"), attn.lora_A());
   EXPECT_EQ(g.matrix<float>("blk.0.attn_qkv.weight.lora_b"), attn.lora_B());
+  std::filesystem::remove_all(std::filesystem::path(path).parent_path());
 }
 
 // One alpha per file: a uniform rsLoRA adapter gets alpha·√r and unchanged factors; a layer whose
@@ -407,6 +409,7 @@ TEST(GgufAdapter, RefusesWhatLlamaCppCannotLoad) {
   EXPECT_LORA_ERROR(lora::save_gguf_adapter(file, b.config(), b.modules(), lora::GgmlType::f32, "other"),
                     "model.layers.0.self_attn.q_proj has no adapter 'other'");
   EXPECT_FALSE(std::filesystem::exists(file));
+  std::filesystem::remove_all(std::filesystem::path(file).parent_path());
 }
 
 
