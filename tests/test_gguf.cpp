@@ -443,4 +443,43 @@ TEST(GgufModel, LlamaCheckpointAsLlamaCppNamesIt) {
   std::filesystem::remove_all(std::filesystem::path(file).parent_path());
 }
 
+
+// Back from GGUF: llama.cpp's converter's file and ours load into the layers with the PEFT
+// adapter's factors, bit for bit (f32), and the same logits; bad files change nothing.
+TEST(GgufAdapter, LoadsBackIntoTheLayers) {
+  const std::string dir = data_path("models/tiny_llama");
+  const auto config = lora::PeftConfig::read(dir + "/adapter/adapter_config.json");
+  lora::LlamaModel<float> peft(dir, &config), back(dir, &config);
+  peft.load_adapter(dir + "/adapter");
+  lora::load_gguf_adapter(data_path("gguf/tiny_llama_adapter.gguf"), back.config(), back.modules());
+  for (const auto& [path, layer] : peft.modules()) {
+    SCOPED_TRACE(path);
+    EXPECT_EQ(back.modules().at(path).lora_A(), layer->lora_A());
+    EXPECT_EQ(back.modules().at(path).lora_B(), layer->lora_B());
+    EXPECT_EQ(back.modules().at(path).scaling(), layer->scaling());
+  }
+  const lora::Mat<std::int64_t> ids = lora::SafeTensors::open(dir + "/io.safetensors").integers("input_ids");
+  EXPECT_EQ(back.forward(ids), peft.forward(ids));
+
+  const std::string file = temp_file("back.gguf");
+  lora::save_gguf_adapter(file, peft.config(), peft.modules());
+  lora::LlamaModel<float> again(dir, &config);
+  lora::load_gguf_adapter(file, again.config(), again.modules());
+  EXPECT_EQ(again.forward(ids), peft.forward(ids));
+
+  // a file for another architecture, a layer the file lacks: refused, the layers unchanged
+  const auto wider = lora::PeftConfig::from_json(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+      "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]})");
+  lora::LlamaModel<float> more(dir, &wider);
+  const lora::Mat<float> b0 = more.modules().at("model.layers.0.self_attn.q_proj").lora_B();
+  EXPECT_LORA_ERROR(lora::load_gguf_adapter(file, more.config(), more.modules()), "lm_head has no lora_a and lora_b pair in the file");
+  EXPECT_EQ(more.modules().at("model.layers.0.self_attn.q_proj").lora_B(), b0);
+  lora::LmConfig gpt = again.config();
+  gpt.model_type = "gpt2";
+  EXPECT_LORA_ERROR(lora::load_gguf_adapter(file, gpt, again.modules()), "general.architecture is not \"gpt2\"");
+  EXPECT_LORA_ERROR(lora::load_gguf_adapter(data_path("gguf/reference.gguf"), again.config(), again.modules()),
+                    "general.type is missing", "adapter.type is missing");
+  std::filesystem::remove_all(std::filesystem::path(file).parent_path());
+}
+
 }  // namespace

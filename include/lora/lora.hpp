@@ -7,6 +7,7 @@
 #include <lora/dropout.hpp>
 #include <lora/embedding.hpp>
 #include <lora/error.hpp>
+#include <lora/gguf.hpp>
 #include <lora/init.hpp>
 #include <lora/layers.hpp>
 #include <lora/linear.hpp>

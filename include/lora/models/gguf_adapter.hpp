@@ -1,5 +1,5 @@
 // A causal LM's LoRA adapter as a GGUF file that llama.cpp loads (`--lora FILE`), written from
-// the model's LoRA layers.
+// the model's LoRA layers (save_gguf_adapter), and read back into them (load_gguf_adapter).
 //
 //   general.type = "adapter", general.architecture = "llama" | "gpt2", adapter.type = "lora",
 //   adapter.lora.alpha (f32)
@@ -34,6 +34,7 @@
 #include <lora/peft.hpp>
 
 #include <cmath>
+#include <map>
 #include <initializer_list>
 #include <utility>
 #include <string>
@@ -71,14 +72,17 @@ inline std::string gguf_tensor_of(const std::string& arch, const std::string& mo
 }
 
 // convert_hf_to_gguf.py's rotary reordering of a q/k projection's rows: per head of dh rows, row
-// s·dh/2 + j goes to 2j + s.
+// s·dh/2 + j goes to 2j + s (back: the other way).
 template <class Scalar>
-Mat<Scalar> rope_rows(const Mat<Scalar>& m, Index heads) {
+Mat<Scalar> rope_rows(const Mat<Scalar>& m, Index heads, bool back = false) {
   const Index dh = m.rows() / heads, half = dh / 2;
   Mat<Scalar> out(m.rows(), m.cols());
   for (Index h = 0; h < heads; ++h)
     for (Index s = 0; s < 2; ++s)
-      for (Index j = 0; j < half; ++j) out.row(h * dh + 2 * j + s) = m.row(h * dh + s * half + j);
+      for (Index j = 0; j < half; ++j) {
+        const Index hf = h * dh + s * half + j, gg = h * dh + 2 * j + s;
+        out.row(back ? hf : gg) = m.row(back ? gg : hf);
+      }
   return out;
 }
 
@@ -129,6 +133,88 @@ void save_gguf_adapter(const std::string& path, const LmConfig& config, const Mo
     b.add(p.tensor + ".lora_b", B, dtype);
   }
   b.save(path);
+}
+
+// Reads a GGUF LoRA adapter (llama.cpp's, or one save_gguf_adapter wrote) into the model's LoRA
+// layers as adapter `adapter_name`: each layer gets update_layer(r from lora_a, alpha from
+// adapter.lora.alpha, no rsLoRA: llama.cpp's scale alpha / r) and the file's A and B (F32, F16,
+// BF16; q/k's lora_b rows back in Hugging Face's order). Strict: the file must be a LoRA adapter
+// of config.model_type, every pair must belong to a LoRA layer of the model, every layer must have
+// its pair, shapes must fit; everything is checked before any layer changes.
+template <class Scalar>
+void load_gguf_adapter(const std::string& path, const LmConfig& config, const ModuleMap<Scalar>& modules,
+                       const std::string& adapter_name = "default") {
+  const Gguf g = Gguf::open(path);
+  const std::string& arch = config.model_type;
+  std::vector<std::string> problems;
+  const auto key = [&](const char* k, const std::string& want) {
+    if (!g.has(k)) return problems.push_back(std::string(k) + " is missing");
+    const GgufValue& v = g.value(k);
+    if (v.array || v.type != GgufType::string || v.strings[0] != want)
+      problems.push_back(std::string(k) + " is not \"" + want + "\"");
+  };
+  key("general.type", "adapter");
+  key("adapter.type", "lora");
+  key("general.architecture", arch);
+  if (!g.has("adapter.lora.alpha")) problems.push_back("adapter.lora.alpha is missing");
+  if (!problems.empty()) detail::fail("load_gguf_adapter: ", path, ": ", detail::join(problems));
+  const double alpha = g.floating("adapter.lora.alpha", GgufType::f32);
+  std::map<std::string, std::string> module_of;  // llama.cpp tensor -> module path
+  for (const auto& [module, layer] : modules) module_of[detail::gguf_tensor_of(arch, module)] = module;
+  struct Pair {
+    const GgufTensorInfo* a = nullptr;
+    const GgufTensorInfo* b = nullptr;
+  };
+  std::map<std::string, Pair> pairs;  // by module
+  for (const auto& t : g.tensors()) {
+    const bool is_a = t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".lora_a") == 0;
+    const bool is_b = t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".lora_b") == 0;
+    const std::string base = t.name.substr(0, t.name.size() - 7);
+    if ((!is_a && !is_b) || !module_of.count(base)) {
+      problems.push_back(t.name + " is not a lora_a/lora_b of one of the model's LoRA layers");
+      continue;
+    }
+    (is_a ? pairs[module_of[base]].a : pairs[module_of[base]].b) = &t;
+  }
+  for (const auto& [module, layer] : modules) {
+    const auto it = pairs.find(module);
+    if (it == pairs.end() || !it->second.a || !it->second.b) {
+      problems.push_back(module + " has no lora_a and lora_b pair in the file");
+      continue;
+    }
+    const GgufTensorInfo &a = *it->second.a, &b = *it->second.b;
+    for (const GgufTensorInfo* t : {&a, &b})
+      if (t->type != 0 && t->type != 1 && t->type != 30) problems.push_back(t->name + " is not F32, F16 or BF16");
+    const std::uint64_t in = std::uint64_t(layer->in_features()), out = std::uint64_t(layer->out_features());
+    if (a.ne.size() != 2 || b.ne.size() != 2 || a.ne[0] != in || b.ne[1] != out || a.ne[1] != b.ne[0] || a.ne[1] == 0)
+      problems.push_back(module + ": lora_a ne " + shape_string(a.ne) + ", lora_b ne " + shape_string(b.ne) +
+                         ", expected {" + std::to_string(in) + ", r} and {r, " + std::to_string(out) + "}");
+    if (layer->has_adapter(adapter_name) && layer->is_merged(adapter_name))
+      problems.push_back(module + ": adapter '" + adapter_name + "' is merged; unmerge() before loading");
+  }
+  if (!problems.empty()) detail::fail("load_gguf_adapter: ", path, ": ", detail::join(problems));
+  struct Values {
+    Mat<Scalar> a, b;
+  };
+  std::map<std::string, Values> values;
+  for (const auto& [module, pair] : pairs) {
+    Mat<Scalar> b = g.matrix<Scalar>(pair.b->name);
+    const std::string& t = pair.b->name;
+    if (arch == "llama" && t.find(".attn_q.") != std::string::npos) b = detail::rope_rows(b, config.num_attention_heads, true);
+    if (arch == "llama" && t.find(".attn_k.") != std::string::npos) b = detail::rope_rows(b, config.num_key_value_heads, true);
+    values[module] = {g.matrix<Scalar>(pair.a->name), std::move(b)};
+  }
+  for (const auto& [module, layer] : modules) {
+    const Values& v = values[module];
+    LoraConfig c = layer->has_adapter(adapter_name) ? layer->config(adapter_name) : layer->config(layer->adapter_names().front());
+    c.r = static_cast<int>(v.a.rows());
+    c.alpha = alpha;
+    c.use_rslora = false;
+    c.use_dora = false;
+    layer->update_layer(adapter_name, c);
+    layer->set_lora_A(adapter_name, v.a);
+    layer->set_lora_B(adapter_name, v.b);
+  }
 }
 
 }  // namespace lora
