@@ -482,4 +482,85 @@ TEST(GgufAdapter, LoadsBackIntoTheLayers) {
   std::filesystem::remove_all(std::filesystem::path(file).parent_path());
 }
 
+// PEFT directory -> GGUF -> PEFT directory without the base weights: the GGUF file is llama.cpp's
+// converter's (tensors bit for bit) and byte-stable, the directory comes back byte for byte (F32
+// and BF16, Llama and GPT-2) with target_modules as PEFT's users write them.
+TEST(GgufAdapter, PeftDirectoryToGgufAndBack) {
+  const std::string llama = data_path("models/tiny_llama"), gpt2 = data_path("models/tiny_gpt2");
+  const std::string g1 = temp_file("a.gguf"), g2 = temp_file("b.gguf"), back = temp_file("back");
+  const lora::LmConfig lc = lora::LmConfig::read(llama), gc = lora::LmConfig::read(gpt2);
+  lora::peft_to_gguf_adapter(llama + "/adapter", g1, lc);
+  same_adapter(Gguf::open(g1), Gguf::open(data_path("gguf/tiny_llama_adapter.gguf")));
+  lora::gguf_to_peft_adapter(g1, back, lc, lora::Dtype::F32, llama);
+  EXPECT_EQ(file_bytes(back + "/adapter_model.safetensors"), file_bytes(llama + "/adapter/adapter_model.safetensors"));
+  const lora::PeftConfig pc = lora::PeftConfig::read(back + "/adapter_config.json");
+  EXPECT_EQ(pc.r, 4);
+  EXPECT_EQ(pc.lora_alpha, 8);
+  EXPECT_EQ(pc.target_modules, (std::vector<std::string>{"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}));
+  EXPECT_EQ(pc.raw["task_type"], "CAUSAL_LM");
+  EXPECT_EQ(pc.raw["base_model_name_or_path"], llama);
+  lora::peft_to_gguf_adapter(back, g2, lc);
+  EXPECT_EQ(file_bytes(g2), file_bytes(g1));
+
+  lora::peft_to_gguf_adapter(gpt2 + "/adapter_bf16", g1, gc, lora::GgmlType::bf16);
+  EXPECT_EQ(Gguf::open(g1).info("blk.1.attn_qkv.weight.lora_b").type, 30u);
+  lora::gguf_to_peft_adapter(g1, back, gc, lora::Dtype::BF16);
+  EXPECT_EQ(file_bytes(back + "/adapter_model.safetensors"), file_bytes(gpt2 + "/adapter_bf16/adapter_model.safetensors"));
+  const lora::PeftConfig pg = lora::PeftConfig::read(back + "/adapter_config.json");
+  EXPECT_TRUE(pg.fan_in_fan_out);
+  EXPECT_EQ(pg.target_modules, (std::vector<std::string>{"c_attn", "c_fc", "c_proj"}));
+  EXPECT_TRUE(pg.raw["base_model_name_or_path"].is_null());
+
+  // only some layers' q_proj: full paths, as the short name would select the others too
+  const auto one = lora::PeftConfig::from_json(R"({"peft_type": "LORA", "r": 6, "lora_alpha": 4,
+      "target_modules": ["model.layers.1.self_attn.q_proj"]})");
+  lora::LlamaModel<float> m(llama, &one);
+  m.modules().at("model.layers.1.self_attn.q_proj").set_lora_B(random_mat(32, 6, 3).cast<float>());
+  lora::save_gguf_adapter(g1, m.config(), m.modules());
+  lora::gguf_to_peft_adapter(g1, back, lc);
+  const lora::PeftConfig po = lora::PeftConfig::read(back + "/adapter_config.json");
+  EXPECT_EQ(po.target_modules, (std::vector<std::string>{"model.layers.1.self_attn.q_proj"}));
+  EXPECT_EQ(po.r, 6);
+  lora::LlamaModel<float> again(llama, &po);
+  again.load_adapter(back);
+  EXPECT_EQ(again.modules().at("model.layers.1.self_attn.q_proj").lora_B(), m.modules().at("model.layers.1.self_attn.q_proj").lora_B());
+  std::filesystem::remove_all(std::filesystem::path(g1).parent_path());
+}
+
+// What a GGUF adapter cannot hold or llama.cpp would not load is refused by name, and nothing is
+// written: DoRA, trained base tensors, q/k without head counts, another model's shapes, layers
+// the model lacks.
+TEST(GgufAdapter, ConversionRefusesBadInput) {
+  const std::string llama = data_path("models/tiny_llama");
+  const lora::LmConfig lc = lora::LmConfig::read(llama);
+  const std::string out = temp_file("out.gguf"), dora = temp_file("dora"), back = temp_file("back");
+  const auto dc = lora::PeftConfig::from_json(R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true, "target_modules": ["v_proj"]})");
+  lora::LlamaModel<float> d(llama, &dc);
+  d.save_adapter(dora, dc);
+  EXPECT_LORA_ERROR(lora::peft_to_gguf_adapter(dora, out, lc), "use_dora is true", "is DoRA's magnitude");
+  EXPECT_LORA_ERROR(lora::peft_to_gguf_adapter(temp_file("none"), out, lc), "adapter_config.json does not exist");
+  lora::LmConfig bare;
+  bare.model_type = "llama";
+  EXPECT_LORA_ERROR(lora::peft_to_gguf_adapter(llama + "/adapter", out, bare), "blk.0.attn_q.weight: its rows are reordered per head");
+  EXPECT_LORA_ERROR(lora::peft_to_gguf_adapter(llama + "/adapter", out, lora::LmConfig::read(data_path("models/tiny_llama_gqa1"))),
+                    "model.layers.0.self_attn.k_proj: A 4x32 and B 16x4 do not make a LoRA pair of a 24 -> 8 layer");
+  lora::LmConfig one_layer = lc;
+  one_layer.num_hidden_layers = 1;
+  EXPECT_LORA_ERROR(lora::peft_to_gguf_adapter(llama + "/adapter", out, one_layer), "model.layers.1.mlp.down_proj: the model has 1 layers");
+  EXPECT_LORA_ERROR(lora::peft_to_gguf_adapter(llama + "/adapter", out, lora::LmConfig::read(data_path("models/tiny_gpt2"))),
+                    "model.layers.0.mlp.down_proj: llama.cpp's gpt2 has no tensor for it");
+  EXPECT_FALSE(std::filesystem::exists(out));
+
+  // back to PEFT: an existing directory stays as it was
+  lora::peft_to_gguf_adapter(llama + "/adapter", out, lc);
+  lora::gguf_to_peft_adapter(out, back, lc);
+  const auto before = file_bytes(back + "/adapter_model.safetensors");
+  EXPECT_LORA_ERROR(lora::gguf_to_peft_adapter(out, back, lora::LmConfig::read(data_path("models/tiny_gpt2"))),
+                    "general.architecture is not \"gpt2\"");
+  EXPECT_LORA_ERROR(lora::gguf_to_peft_adapter(out, back, one_layer), "model.layers.1.self_attn.v_proj: the model has 1 layers");
+  EXPECT_LORA_ERROR(lora::gguf_to_peft_adapter(out, back, lc, lora::Dtype::I64), "dtype I64 is not a float type");
+  EXPECT_EQ(file_bytes(back + "/adapter_model.safetensors"), before);
+  std::filesystem::remove_all(std::filesystem::path(out).parent_path());
+}
+
 }  // namespace

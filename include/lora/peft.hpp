@@ -106,6 +106,58 @@ std::string adapter_to_save(const LoraLinear<Scalar>& layer, const std::string& 
   return adapter_of(layer, adapter);
 }
 
+// DIR/adapter_model.safetensors (the builder's tensors) and DIR/adapter_config.json, both or
+// neither (new weights never sit beside an old config); creates DIR if needed.
+inline void write_peft_dir(const std::string& dir, SafeTensorsBuilder& b, const PeftConfig& config, const char* who) {
+  namespace fs = std::filesystem;
+  const std::string text = config.to_json();
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) fail(who, ": cannot create ", dir, ": ", ec.message());
+  b.metadata("format", "pt");
+  write_files_atomic({{(fs::path(dir) / "adapter_model.safetensors").string(), b.serialize()},
+                      {(fs::path(dir) / "adapter_config.json").string(), FileBytes(text.begin(), text.end())}});
+}
+
+// A config for modules with these LoRA configs: target_modules lists their paths, r and alpha
+// are the most common values, and rank_pattern/alpha_pattern name (by full path) the modules
+// that differ. All must agree on use_rslora and use_dora.
+inline PeftConfig peft_config_of(const std::vector<std::pair<std::string, LoraConfig>>& modules, const char* who) {
+  if (modules.empty()) fail(who, ": no modules");
+  PeftConfig c;
+  std::map<int, int> ranks;
+  std::map<double, int> alphas;
+  const auto& [first_path, first] = modules.front();
+  for (const auto& [module, lc] : modules) {
+    if (lc.use_rslora != first.use_rslora || lc.use_dora != first.use_dora)
+      fail(who, ": ", module, " has use_rslora = ", lc.use_rslora, ", use_dora = ", lc.use_dora, "; ", first_path, " has ",
+           first.use_rslora, ", ", first.use_dora, "; one adapter has one value");
+    ++ranks[lc.r];
+    ++alphas[lc.alpha];
+    c.target_modules.push_back(module);
+  }
+  auto most = [](const auto& counts) {
+    auto best = counts.begin();
+    for (auto it = counts.begin(); it != counts.end(); ++it)
+      if (it->second > best->second) best = it;
+    return best->first;
+  };
+  c.r = most(ranks);
+  c.lora_alpha = most(alphas);
+  c.lora_dropout = first.dropout;
+  c.use_rslora = first.use_rslora;
+  c.use_dora = first.use_dora;
+  c.fan_in_fan_out = first.fan_in_fan_out;
+  for (const auto& [module, lc] : modules) {
+    // A full path as a pattern key matches only that module (and paths ending in it).
+    std::string key;
+    for (char ch : module) key += (ch == '.' ? std::string("\\.") : std::string(1, ch));
+    if (lc.r != c.r) c.rank_pattern.emplace_back(key, lc.r);
+    if (lc.alpha != c.lora_alpha) c.alpha_pattern.emplace_back(key, lc.alpha);
+  }
+  return c;
+}
+
 }  // namespace detail
 
 // Reads DIR/adapter_config.json and DIR/adapter_model.safetensors into the mapped layers: in each
@@ -273,14 +325,7 @@ void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, cons
       b.add(detail::kPeftPrefix + p.name, p.value, dtype);
   }
   if (!problems.empty()) detail::fail("save_adapter: ", dir, ": ", detail::join(problems));
-  const std::string text = config.to_json();
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) detail::fail("save_adapter: cannot create ", dir, ": ", ec.message());
-  b.metadata("format", "pt");
-  // Both files or neither: new weights never sit beside an old config.
-  detail::write_files_atomic({{(fs::path(dir) / "adapter_model.safetensors").string(), b.serialize()},
-                              {(fs::path(dir) / "adapter_config.json").string(), detail::FileBytes(text.begin(), text.end())}});
+  detail::write_peft_dir(dir, b, config, "save_adapter");
 }
 
 // A config that describes the mapped layers' adapter `adapter` (each layer's one active adapter
@@ -289,42 +334,9 @@ void save_adapter(const std::string& dir, const ModuleMap<Scalar>& modules, cons
 // must agree on use_rslora and use_dora.
 template <class Scalar>
 PeftConfig peft_config_for(const ModuleMap<Scalar>& modules, const std::string& adapter = "") {
-  if (modules.size() == 0) detail::fail("peft_config_for: no modules");
-  PeftConfig c;
-  std::map<int, int> ranks;
-  std::map<double, int> alphas;
-  auto config_of = [&](const LoraLinear<Scalar>& layer) -> const LoraConfig& { return layer.config(detail::adapter_of(layer, adapter)); };
-  const LoraConfig& first = config_of(*modules.begin()->second);
-  for (const auto& [module, layer] : modules) {
-    const LoraConfig& lc = config_of(*layer);
-    if (lc.use_rslora != first.use_rslora || lc.use_dora != first.use_dora)
-      detail::fail("peft_config_for: ", module, " has use_rslora = ", lc.use_rslora, ", use_dora = ", lc.use_dora, "; ",
-                   modules.begin()->first, " has ", first.use_rslora, ", ", first.use_dora, "; one adapter has one value");
-    ++ranks[lc.r];
-    ++alphas[lc.alpha];
-    c.target_modules.push_back(module);
-  }
-  auto most = [](const auto& counts) {
-    auto best = counts.begin();
-    for (auto it = counts.begin(); it != counts.end(); ++it)
-      if (it->second > best->second) best = it;
-    return best->first;
-  };
-  c.r = most(ranks);
-  c.lora_alpha = most(alphas);
-  c.lora_dropout = first.dropout;
-  c.use_rslora = first.use_rslora;
-  c.use_dora = first.use_dora;
-  c.fan_in_fan_out = first.fan_in_fan_out;
-  for (const auto& [module, layer] : modules) {
-    // A full path as a pattern key matches only that module (and paths ending in it).
-    std::string key;
-    for (char ch : module) key += (ch == '.' ? std::string("\\.") : std::string(1, ch));
-    const LoraConfig& lc = config_of(*layer);
-    if (lc.r != c.r) c.rank_pattern.emplace_back(key, lc.r);
-    if (lc.alpha != c.lora_alpha) c.alpha_pattern.emplace_back(key, lc.alpha);
-  }
-  return c;
+  std::vector<std::pair<std::string, LoraConfig>> configs;
+  for (const auto& [module, layer] : modules) configs.emplace_back(module, layer->config(detail::adapter_of(*layer, adapter)));
+  return detail::peft_config_of(configs, "peft_config_for");
 }
 
 }  // namespace lora
