@@ -438,8 +438,69 @@ TEST(GgufModel, LlamaCheckpointAsLlamaCppNamesIt) {
   lora::save_gguf_model(dir, file, lora::GgmlType::f16);
   EXPECT_EQ(Gguf::open(file).info("blk.0.attn_v.weight").type, 1u);
   EXPECT_EQ(Gguf::open(file).info("blk.0.attn_norm.weight").type, 0u);  // norms stay F32
-  EXPECT_LORA_ERROR(lora::save_gguf_model(data_path("models/tiny_gpt2"), file), "model_type 'gpt2': only llama is written");
-  EXPECT_LORA_ERROR(lora::save_gguf_model(data_path("models/tiny_llama_gqa1"), file), "biases are not written");
+  EXPECT_LORA_ERROR(lora::save_gguf_model(data_path("models/tiny_llama"), file, lora::GgmlType::f64), "dtype must be F32, F16 or BF16");
+  std::filesystem::remove_all(std::filesystem::path(file).parent_path());
+}
+
+// The GQA Llama (one KV head, attention and MLP biases, tied head, llama3 rotary scaling): the
+// biases under llama.cpp's names (q/k's in its rotary order), no output.weight, and rope_freqs,
+// the factor llama.cpp divides each frequency by: transformers' inv_freq / scaled inv_freq.
+TEST(GgufModel, LlamaBiasesAndLlama3Rope) {
+  const std::string dir = data_path("models/tiny_llama_gqa1"), file = temp_file("model.gguf");
+  lora::save_gguf_model(dir, file);
+  const Gguf g = Gguf::open(file);
+  const lora::SafeTensors st = lora::SafeTensors::open(dir + "/model.safetensors");
+  EXPECT_EQ(g.tensors().size(), 1u + 1 + 2 * 16 + 1);  // rope_freqs, token_embd, 16 per block, output_norm
+  EXPECT_FALSE(g.contains("output.weight"));
+  EXPECT_EQ(g.info("blk.0.attn_k.bias").ne, (std::vector<std::uint64_t>{8}));
+  EXPECT_EQ(g.info("blk.0.attn_k.bias").type, 0u);
+  const lora::Mat<float> kb = st.matrix<float>("model.layers.1.self_attn.k_proj.bias"), gkb = g.matrix<float>("blk.1.attn_k.bias");
+  EXPECT_EQ(gkb(0, 1), kb(0, 4));  // one head of 8: 0 4 1 5 2 6 3 7
+  EXPECT_EQ(gkb(0, 6), kb(0, 3));
+  EXPECT_EQ(g.matrix<float>("blk.0.ffn_down.bias"), st.matrix<float>("model.layers.0.mlp.down_proj.bias"));
+  EXPECT_EQ(g.matrix<float>("blk.1.attn_output.bias"), st.matrix<float>("model.layers.1.self_attn.o_proj.bias"));
+  // theta 500000, head_dim 8, factor 8, low/high 1/4, original context 16
+  const lora::Mat<double> f = g.matrix<double>("rope_freqs.weight");
+  ASSERT_EQ(f.cols(), 4);
+  const double pi = 3.14159265358979323846;
+  for (int i = 0; i < 4; ++i) {
+    const double inv = std::pow(500000.0, -2.0 * i / 8), wavelen = 2 * pi / inv;
+    double scaled = wavelen > 16 ? inv / 8 : inv;
+    if (wavelen >= 4 && wavelen <= 16) {
+      const double smooth = (16 / wavelen - 1) / (4 - 1);
+      scaled = (1 - smooth) * scaled / 8 + smooth * scaled;
+    }
+    EXPECT_NEAR(f(0, i), inv / scaled, 1e-6) << i;
+  }
+  EXPECT_NEAR(f(0, 0), 1.73594, 1e-5);  // 1 / ((1 - s) / 8 + s), s = (16 / 2π - 1) / 3: the one between the limits
+  EXPECT_EQ(f(0, 3), 8.0);
+  std::filesystem::remove_all(std::filesystem::path(file).parent_path());
+}
+
+// GPT-2 as llama.cpp's gpt2: Conv1D weights transposed to (out, in), every bias and norm in F32,
+// the position embedding, n_inner as feed_forward_length, the head tied (no output.weight).
+TEST(GgufModel, Gpt2CheckpointAsLlamaCppNamesIt) {
+  const std::string dir = data_path("models/tiny_gpt2"), file = temp_file("gpt2.gguf");
+  lora::save_gguf_model(dir, file, lora::GgmlType::bf16);
+  const Gguf g = Gguf::open(file);
+  const lora::SafeTensors st = lora::SafeTensors::open(dir + "/model.safetensors");
+  EXPECT_EQ(g.string("general.architecture"), "gpt2");
+  EXPECT_EQ(g.uint("gpt2.context_length", GgufType::u32), 32u);
+  EXPECT_EQ(g.uint("gpt2.feed_forward_length", GgufType::u32), 128u);
+  EXPECT_EQ(g.uint("gpt2.vocab_size", GgufType::u32), 64u);
+  EXPECT_EQ(g.uint("general.file_type", GgufType::u32), 32u);
+  EXPECT_EQ(g.floating("gpt2.attention.layer_norm_epsilon", GgufType::f32), double(1e-5f));
+  EXPECT_EQ(g.tensors().size(), 2u + 2 * 12 + 2);
+  EXPECT_FALSE(g.contains("output.weight"));
+  EXPECT_EQ(g.info("blk.0.attn_qkv.weight").ne, (std::vector<std::uint64_t>{32, 96}));
+  EXPECT_EQ(g.info("blk.0.attn_qkv.weight").type, 30u);
+  EXPECT_EQ(g.info("blk.1.ffn_down.weight").ne, (std::vector<std::uint64_t>{128, 32}));
+  EXPECT_EQ(g.info("position_embd.weight").ne, (std::vector<std::uint64_t>{32, 32}));
+  const lora::Mat<float> w = st.matrix<float>("transformer.h.1.mlp.c_fc.weight");  // (in 32, out 128)
+  EXPECT_EQ(g.matrix<float>("blk.1.ffn_up.weight"), lora::Mat<float>(w.transpose()).cast<Eigen::bfloat16>().cast<float>());
+  EXPECT_EQ(g.info("blk.1.ffn_up.bias").type, 0u);
+  EXPECT_EQ(g.matrix<float>("blk.1.ffn_up.bias"), st.matrix<float>("transformer.h.1.mlp.c_fc.bias"));
+  EXPECT_EQ(g.matrix<float>("output_norm.bias"), st.matrix<float>("transformer.ln_f.bias"));
   std::filesystem::remove_all(std::filesystem::path(file).parent_path());
 }
 

@@ -3,12 +3,16 @@ logits with the library's: the base model, and the base with the adapter at scal
 
     build/examples/gguf_export tests/data/models/tiny_llama out
     python3 -m venv /tmp/pyenv && /tmp/pyenv/bin/pip install llama-cpp-python numpy safetensors
-    /tmp/pyenv/bin/python tests/data/gguf/check_llama_cpp.py out/base.gguf out/adapter.gguf out/logits.safetensors
+    /tmp/pyenv/bin/python tests/data/gguf/check_llama_cpp.py out/base.gguf out/adapter.gguf out/logits.safetensors [TOL]
 
 logits.safetensors holds input_ids (batch, T) int64 and the library's logits base, adapter and
 adapter_half (batch·T, vocab) float32. Each sequence is decoded on its own from position 0, with
 an F32 KV cache and flash attention off. Prints the max relative error of each (max |ours -
-llama.cpp| / max |ours|) and exits 1 above 1e-4.
+llama.cpp| / max |ours|) and exits 1 above TOL (1e-4).
+
+GPT-2 needs a wider TOL: llama.cpp's CPU GELU rounds its input and output to F16 (a lookup table,
+GGML_GELU_FP16 in ggml-cpu/vec.h), about 5e-4 relative per activation. transformers' GPT-2 with
+its GELU's input and output rounded the same way is within 5e-5 of llama.cpp on these files.
 """
 import ctypes
 import sys
@@ -18,16 +22,13 @@ import numpy as np
 from safetensors.numpy import load_file
 
 
-def main() -> int:
-    base_path, adapter_path, io_path = sys.argv[1:4]
-    io = load_file(io_path)
-    ids = io["input_ids"]
+def llama_cpp_logits(base_path: str, adapter_path: str, ids: np.ndarray, scales) -> dict:
+    """llama.cpp's logits (batch·T, vocab) for ids with the adapter at each scale (0: none)."""
     L.llama_backend_init()
     mp = L.llama_model_default_params()
     model = L.llama_model_load_from_file(base_path.encode(), mp)
     if not model:
-        print("llama.cpp could not load", base_path)
-        return 1
+        raise RuntimeError(f"llama.cpp could not load {base_path}")
     cp = L.llama_context_default_params()
     cp.n_ctx = max(64, ids.shape[1])
     cp.n_batch = cp.n_ctx
@@ -39,8 +40,7 @@ def main() -> int:
     vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
     adapter = L.llama_adapter_lora_init(model, adapter_path.encode())
     if not adapter:
-        print("llama.cpp could not load the adapter", adapter_path)
-        return 1
+        raise RuntimeError(f"llama.cpp could not load the adapter {adapter_path}")
 
     def logits(scale: float) -> np.ndarray:
         if scale == 0:
@@ -69,14 +69,24 @@ def main() -> int:
             L.llama_batch_free(batch)
         return np.stack(rows)
 
+    return {scale: logits(scale) for scale in scales}
+
+
+def main() -> int:
+    base_path, adapter_path, io_path = sys.argv[1:4]
+    tol = float(sys.argv[4]) if len(sys.argv) > 4 else 1e-4
+    io = load_file(io_path)
+    runs = (("base", 0.0), ("adapter", 1.0), ("adapter_half", 0.5))
+    cpp = llama_cpp_logits(base_path, adapter_path, io["input_ids"], [s for _, s in runs])
     worst = 0.0
-    for name, scale in (("base", 0.0), ("adapter", 1.0), ("adapter_half", 0.5)):
-        ours = io[name].reshape(-1, vocab)
-        theirs = logits(scale)
+    for name, scale in runs:
+        theirs = cpp[scale]
+        ours = io[name].reshape(theirs.shape)
         err = float(np.abs(ours - theirs).max() / np.abs(ours).max())
         worst = max(worst, err)
         print(f"{name:13s} scale {scale:3.1f}: max relative error {err:.3e}")
-    return 0 if worst <= 1e-4 else 1
+    print(f"worst {worst:.3e}, tolerance {tol:.0e}: {'ok' if worst <= tol else 'FAILED'}")
+    return 0 if worst <= tol else 1
 
 
 if __name__ == "__main__":
