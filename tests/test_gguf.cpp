@@ -12,8 +12,10 @@
 #include "test_util.hpp"
 
 #include <cstdio>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 namespace {
 
@@ -440,6 +442,43 @@ TEST(GgufModel, LlamaCheckpointAsLlamaCppNamesIt) {
   EXPECT_EQ(Gguf::open(file).info("blk.0.attn_norm.weight").type, 0u);  // norms stay F32
   EXPECT_LORA_ERROR(lora::save_gguf_model(data_path("models/tiny_llama"), file, lora::GgmlType::f64), "dtype must be F32, F16 or BF16");
   std::filesystem::remove_all(std::filesystem::path(file).parent_path());
+}
+
+// The three tiny checkpoints as llama.cpp's own convert_hf_to_gguf.py writes them
+// (tests/data/gguf/make_models.py): every tensor with the same name, ne, type and bytes
+// (rope_freqs within 1 ulp: the converter computes it in float32), every key of the reference
+// with the same type and value, except general.name / size_label / quantization_version
+// (descriptive) and the tokenizer model ("none" there, its synonym "no_vocab" here).
+TEST(GgufModel, MatchesLlamaCppsConverter) {
+  for (const char* name : {"tiny_llama", "tiny_llama_gqa1", "tiny_gpt2"}) {
+    SCOPED_TRACE(name);
+    const std::string file = temp_file(std::string(name) + ".gguf");
+    lora::save_gguf_model(data_path(std::string("models/") + name), file);
+    const Gguf ours = Gguf::open(file), ref = Gguf::open(data_path(std::string("gguf/") + name + "_model.gguf"));
+    ASSERT_EQ(ours.tensors().size(), ref.tensors().size());
+    for (const auto& t : ref.tensors()) {
+      SCOPED_TRACE(t.name);
+      ASSERT_TRUE(ours.contains(t.name));
+      const lora::GgufTensorInfo& u = ours.info(t.name);
+      EXPECT_EQ(u.ne, t.ne);
+      EXPECT_EQ(u.type, t.type);
+      if (t.name == "rope_freqs.weight") {
+        const lora::Mat<float> a = ours.matrix<float>(t.name), b = ref.matrix<float>(t.name);
+        for (lora::Index k = 0; k < a.size(); ++k) EXPECT_LE(std::abs(a(k) - b(k)), std::numeric_limits<float>::epsilon() * b(k));
+      } else {
+        EXPECT_EQ(std::memcmp(ours.bytes(t.name), ref.bytes(t.name), t.bytes), 0);
+      }
+    }
+    for (const auto& [key, value] : ref.metadata()) {
+      if (key == "general.name" || key == "general.size_label" || key == "general.quantization_version") continue;
+      SCOPED_TRACE(key);
+      ASSERT_TRUE(ours.has(key));
+      if (key == "tokenizer.ggml.model")
+        EXPECT_EQ(ours.value(key).strings[0], "no_vocab");
+      else
+        EXPECT_TRUE(ours.value(key) == value);
+    }
+  }
 }
 
 // The GQA Llama (one KV head, attention and MLP biases, tied head, llama3 rotary scaling): the
