@@ -599,6 +599,12 @@ TEST(GgufAdapter, PeftDirectoryToGgufAndBack) {
   lora::peft_to_gguf_adapter(back, g2, lc);
   EXPECT_EQ(file_bytes(g2), file_bytes(g1));
 
+  // PEFT's copy of an adapted head's base weight stays behind; the head's pair goes to output.weight
+  lora::peft_to_gguf_adapter(llama + "/adapter_head", g1, lc);
+  const Gguf head = Gguf::open(g1);
+  EXPECT_EQ(head.tensors().size(), 2u * (2 * 2 + 1));
+  EXPECT_EQ(head.info("output.weight.lora_b").ne, (std::vector<std::uint64_t>{4, 64}));
+
   lora::peft_to_gguf_adapter(gpt2 + "/adapter_bf16", g1, gc, lora::GgmlType::bf16);
   EXPECT_EQ(Gguf::open(g1).info("blk.1.attn_qkv.weight.lora_b").type, 30u);
   lora::gguf_to_peft_adapter(g1, back, gc, lora::Dtype::BF16);

@@ -473,6 +473,34 @@ TEST(Models, ModulesToSaveTrainBesideTheLoraFactors) {
   check_parameter_gradients(gpt2);
 }
 
+// PEFT saves an adapted lm_head's base weight beside its factors (save_embedding_layers): it
+// loads when it is the model's own weight (logits as PEFT's), and is refused by name when not.
+TEST(Models, PeftHeadAdapterCarriesTheBaseWeight) {
+  const std::string dir = kLlama + "/adapter_head";
+  const auto config = lora::PeftConfig::read(dir + "/adapter_config.json");
+  const Ids ids = lora::SafeTensors::open(kLlama + "/io.safetensors").integers("input_ids");
+  lora::LlamaModel<double> m(kLlama, &config);
+  m.load_adapter(dir);
+  const auto want = lora::SafeTensors::open(kLlama + "/adapter_head_logits.safetensors").matrix<double>("logits");
+  EXPECT_LE(relative_error(m.forward(ids), want), 1e-5);
+
+  const lora::SafeTensors st = lora::SafeTensors::open(dir + "/adapter_model.safetensors");
+  lora::SafeTensorsBuilder b;
+  for (const auto& t : st.tensors()) {
+    lora::Mat<float> v = st.matrix<float>(t.name);
+    if (t.name == "base_model.model.lm_head.base_layer.weight") v(3, 5) += 1;
+    b.add(t.name, v);
+  }
+  const fs::path other = fs::temp_directory_path() / "lora_test_models_head_adapter";
+  fs::create_directories(other);
+  b.save((other / "adapter_model.safetensors").string());
+  fs::copy_file(dir + "/adapter_config.json", other / "adapter_config.json", fs::copy_options::overwrite_existing);
+  lora::LlamaModel<double> fresh(kLlama, &config);
+  EXPECT_LORA_ERROR(fresh.load_adapter(other.string()), "base_model.model.lm_head.base_layer.weight differs from the model's weight of lm_head");
+  EXPECT_TRUE(fresh.modules().at("lm_head").lora_B().isZero());
+  fs::remove_all(other);
+}
+
 // A new model from a config is reproducible from its seed, and save_pretrained writes a folder
 // that loads back to the same logits.
 template <class Model>

@@ -57,12 +57,15 @@ inline const std::string kPeftPrefix = "base_model.model.";
 constexpr std::size_t kMaxKeyLength = 1024;
 
 // "base_model.model.<module>.lora_A.weight" -> module, 'A' ('B'; 'M' for DoRA's
-// lora_magnitude_vector, with or without ".weight"); errors for other keys.
+// lora_magnitude_vector, with or without ".weight"; 'W' for ".base_layer.weight", the base
+// weight PEFT saves beside the factors of an adapted lm_head or embedding, save_embedding_layers);
+// errors for other keys.
 inline std::pair<std::string, char> split_peft_key(const std::string& key, const std::string& file) {
   if (key.size() > kMaxKeyLength)
     fail(file, ": a tensor name is ", key.size(), " bytes long, more than ", kMaxKeyLength, ": '", key.substr(0, 60), "...'");
   for (auto [suffix, kind] : {std::pair{".lora_A.weight", 'A'}, std::pair{".lora_B.weight", 'B'},
-                              std::pair{".lora_magnitude_vector", 'M'}, std::pair{".lora_magnitude_vector.weight", 'M'}}) {
+                              std::pair{".lora_magnitude_vector", 'M'}, std::pair{".lora_magnitude_vector.weight", 'M'},
+                              std::pair{".base_layer.weight", 'W'}}) {
     const std::size_t n = std::strlen(suffix);
     if (key.size() > kPeftPrefix.size() + n && key.compare(0, kPeftPrefix.size(), kPeftPrefix) == 0 &&
         key.compare(key.size() - n, n, suffix) == 0)
@@ -75,10 +78,10 @@ inline std::pair<std::string, char> split_peft_key(const std::string& key, const
        ".lora_magnitude_vector)");
 }
 
-// A LoRA factor's key (lora_A, lora_B, lora_magnitude_vector, lora_embedding_A/B), as opposed to a
-// modules_to_save tensor.
+// A LoRA factor's key (lora_A, lora_B, lora_magnitude_vector, lora_embedding_A/B, and an adapted
+// layer's base_layer.weight), as opposed to a modules_to_save tensor.
 inline bool is_lora_key(const std::string& key) {
-  for (const char* part : {".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_"})
+  for (const char* part : {".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_", ".base_layer.weight"})
     if (key.find(part) != std::string::npos) return true;
   return false;
 }
@@ -180,6 +183,7 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
     const TensorInfo* a = nullptr;
     const TensorInfo* b = nullptr;
     const TensorInfo* m = nullptr;
+    const TensorInfo* w = nullptr;  // base_layer.weight: must equal the layer's W
   };
   std::map<std::string, Parts> in_file;
   if (!config.modules_to_save.empty() && !options.skip_modules_to_save)
@@ -188,7 +192,8 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
   for (const auto& t : st.tensors()) {
     if (options.skip_modules_to_save && !detail::is_lora_key(t.name)) continue;
     auto [module, kind] = detail::split_peft_key(t.name, st_path);
-    const TensorInfo*& slot = kind == 'A' ? in_file[module].a : kind == 'B' ? in_file[module].b : in_file[module].m;
+    Parts& p = in_file[module];
+    const TensorInfo*& slot = kind == 'A' ? p.a : kind == 'B' ? p.b : kind == 'M' ? p.m : p.w;
     if (slot) detail::fail("load_adapter: ", st_path, ": ", module, " has two lora_magnitude_vector tensors");
     slot = &t;
   }
@@ -197,7 +202,10 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
   if (name.empty() || name == LoraLinear<Scalar>::kBase) problems.push_back("adapter_name '" + name + "' is not a usable name");
   if (config.use_dora && config.lora_dropout > 0) problems.push_back("use_dora with lora_dropout > 0 is not supported");
   for (const auto& [module, parts] : in_file) {
-    if (!parts.a || !parts.b) problems.push_back(module + " has lora_" + (parts.a ? "A" : "B") + " but no lora_" + (parts.a ? "B" : "A"));
+    if (!parts.a && !parts.b)
+      problems.push_back(module + " has only a " + (parts.m ? "lora_magnitude_vector" : "base_layer.weight") + ", no lora_A and lora_B");
+    else if (!parts.a || !parts.b)
+      problems.push_back(module + " has lora_" + (parts.a ? "A" : "B") + " but no lora_" + (parts.a ? "B" : "A"));
     if (config.use_dora && !parts.m) problems.push_back(module + " has no lora_magnitude_vector but use_dora is true");
     if (!config.use_dora && parts.m) problems.push_back(module + " has a lora_magnitude_vector but use_dora is false");
     if (!config.targets(module)) not_in_config.push_back(module);
@@ -235,6 +243,14 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
     check(*parts.a, {r, in});
     check(*parts.b, {out, r});
     if (parts.m) check(*parts.m, {out});
+    if (parts.w) {  // PEFT would load it over the base weight; here the base stays: it must be the same
+      const auto w = layer.weight();
+      check(*parts.w, {std::uint64_t(w.rows()), std::uint64_t(w.cols())});
+      if (detail::is_float_dtype(parts.w->dtype) && parts.w->shape == std::vector<std::uint64_t>{std::uint64_t(w.rows()), std::uint64_t(w.cols())} &&
+          st.matrix<Scalar>(parts.w->name) != w)
+        problems.push_back(parts.w->name + " differs from the model's weight of " + module +
+                           " (PEFT would load it over the base; load the model from a checkpoint with that weight)");
+    }
     const bool has = layer.has_adapter(name);
     if (has && layer.is_merged(name)) problems.push_back(module + ": adapter '" + name + "' is merged; unmerge() before loading");
     if (config.use_dora && layer.is_merged()) problems.push_back(module + " is merged; unmerge() before loading a DoRA adapter");

@@ -362,7 +362,8 @@ void load_gguf_adapter(const std::string& path, const LmConfig& config, const Mo
 // file, without the base model's weights: config is the base model's (LmConfig::read), or one
 // with only model_type set where no shapes are checked and q/k are not adapted. Each module's
 // r, alpha and rsLoRA come from the PEFT config (rank_pattern, alpha_pattern). Refused: DoRA,
-// modules_to_save, embedding adapters, modules not in target_modules.
+// modules_to_save, embedding adapters, modules not in target_modules. The base weight PEFT saves
+// beside an adapted lm_head (base_layer.weight) is taken to be the base model's and not carried.
 template <class Scalar = float>
 void peft_to_gguf_adapter(const std::string& dir, const std::string& path, const LmConfig& config,
                           GgmlType dtype = GgmlType::f32) {
@@ -385,6 +386,7 @@ void peft_to_gguf_adapter(const std::string& dir, const std::string& path, const
       continue;
     }
     const auto [module, kind] = detail::split_peft_key(t.name, st_path);
+    if (kind == 'W') continue;  // PEFT's copy of an adapted head's base weight: the base model's own
     if (kind == 'M') {
       problems.push_back(t.name + " is DoRA's magnitude; llama.cpp does not load DoRA");
       continue;
