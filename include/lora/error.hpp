@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace lora {
 
@@ -28,6 +29,13 @@ std::string cat(Args&&... args) {
 template <class... Args>
 [[noreturn]] void fail(Args&&... args) {
   throw Error(cat(std::forward<Args>(args)...));
+}
+
+// "a, b, c": a list of problems in one message.
+inline std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
 }
 
 // "(rows, cols)"

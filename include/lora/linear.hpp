@@ -46,6 +46,7 @@
 #include <lora/types.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -432,6 +433,12 @@ class LoraLinear {
   // masks as the first adapter of a layer built with seed k; each adapter has its own stream.
   void reseed(std::uint64_t seed) {
     for (std::size_t i = 0; i < reg_.size(); ++i) reg_.all()[i].rng = dropout_rng(seed, i);
+  }
+
+  // An adapter's dropout stream, saved by checkpoints so that a resumed run draws the same masks.
+  std::array<std::uint64_t, 4> dropout_state(const std::string& name) const { return reg_.at("dropout_state", name).rng.state(); }
+  void set_dropout_state(const std::string& name, const std::array<std::uint64_t, 4>& state) {
+    if (!reg_.at("set_dropout_state", name).rng.set_state(state)) detail::fail("LoraLinear::set_dropout_state: an all-zero state");
   }
 
   // Zeroes the gradients of every adapter (active or not) and of the base.

@@ -21,4 +21,5 @@
 #include <lora/peft_config.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/svd.hpp>
+#include <lora/training_checkpoint.hpp>
 #include <lora/types.hpp>

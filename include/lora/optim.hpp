@@ -8,15 +8,19 @@
 //
 // Each parameter may carry its own learning-rate multiplier (LoRA+ gives B's lr × ratio). The
 // optimizer keeps per-parameter state in the order the parameters were added; the views it
-// holds must stay valid (the layers alive and not moved).
+// holds must stay valid (the layers alive and not moved). save_state / load_state write and read
+// that state (PyTorch's slot names, by parameter name) for checkpoints and an exact resume.
 #pragma once
 
 #include <lora/error.hpp>
 #include <lora/parameter.hpp>
+#include <lora/safetensors.hpp>
 #include <lora/types.hpp>
 
 #include <cmath>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lora {
@@ -54,12 +58,89 @@ class Optimizer {
     lr_ = lr;
   }
   std::size_t size() const { return entries_.size(); }
+  long steps() const { return steps_; }  // step() calls so far
+
+  // The state as tensors "<parameter name>.<slot>" (Scalar's dtype: a resumed run continues bit
+  // for bit) with metadata optimizer (the type), steps and lr.
+  void save_state(SafeTensorsBuilder& b) const {
+    unique_names("Optimizer::save_state");
+    for (const auto& [slot, mats] : slots())
+      for (std::size_t i = 0; i < entries_.size(); ++i) b.add(entries_[i].param.name + "." + slot, (*mats)[i]);
+    b.metadata("optimizer", type_name());
+    b.metadata("steps", std::to_string(steps_));
+    b.metadata("lr", detail::cat(lr_));
+  }
+
+  // Checks that st holds what save_state wrote for these parameters (type, every name, shape and
+  // dtype, nothing else); fails listing every difference.
+  void check_state(const SafeTensors& st) const { read_counters(st); }
+
+  // check_state, then the state from st; on error nothing changes.
+  void load_state(const SafeTensors& st) {
+    const auto [steps, lr] = read_counters(st);
+    for (const auto& [slot, mats] : slots())
+      for (std::size_t i = 0; i < entries_.size(); ++i)
+        const_cast<std::vector<Mat<Scalar>>&>(*mats)[i] = st.matrix<Scalar>(entries_[i].param.name + "." + slot);
+    steps_ = steps;
+    lr_ = lr;
+  }
 
  protected:
   explicit Optimizer(double lr) { set_lr(lr); }
   virtual void added(const Parameter<Scalar>&) {}
+  virtual const char* type_name() const = 0;
+  // Per-parameter state: a slot name and one matrix per parameter, in the order added.
+  using Slot = std::pair<const char*, const std::vector<Mat<Scalar>>*>;
+  virtual std::vector<Slot> slots() const = 0;
+  // check_state's work: the steps and lr st holds.
+  std::pair<long, double> read_counters(const SafeTensors& st) const {
+    const char* who = "Optimizer::load_state";
+    unique_names(who);
+    const auto meta = [&](const char* key) -> std::string {
+      const auto it = st.metadata().find(key);
+      if (it == st.metadata().end()) detail::fail(who, ": ", st.source(), ": metadata '", key, "' is missing");
+      return it->second;
+    };
+    if (meta("optimizer") != type_name())
+      detail::fail(who, ": ", st.source(), " holds ", meta("optimizer"), " state; this optimizer is ", type_name());
+    long steps = -1;
+    double lr = -1;
+    try {
+      steps = std::stol(meta("steps"));
+      lr = std::stod(meta("lr"));
+    } catch (const std::logic_error&) {
+    }
+    std::vector<std::string> problems;
+    if (steps < 0 || !(lr >= 0) || !std::isfinite(lr))
+      problems.push_back("metadata steps '" + meta("steps") + "' or lr '" + meta("lr") + "' is not a count or rate");
+    std::size_t used = 0;
+    for (const auto& [slot, mats] : slots())
+      for (const auto& e : entries_) {
+        const std::string name = e.param.name + "." + slot;
+        if (!st.contains(name)) {
+          problems.push_back(name + " is missing");
+          continue;
+        }
+        ++used;
+        const TensorInfo& t = st.info(name);
+        const std::vector<std::uint64_t> want{std::uint64_t(e.param.value.rows()), std::uint64_t(e.param.value.cols())};
+        if (t.dtype != dtype_of<Scalar>() || t.shape != want)
+          problems.push_back(name + " is " + dtype_name(t.dtype) + " " + shape_string(t.shape) + ", expected " +
+                             dtype_name(dtype_of<Scalar>()) + " " + shape_string(want));
+      }
+    if (used != st.tensors().size())
+      problems.push_back(std::to_string(st.tensors().size() - used) + " tensors are no parameter's state (another model or adapter?)");
+    if (!problems.empty()) detail::fail(who, ": ", st.source(), ": ", detail::join(problems));
+    return {steps, lr};
+  }
+  void unique_names(const char* who) const {
+    std::set<std::string> seen;
+    for (const auto& e : entries_)
+      if (!seen.insert(e.param.name).second) detail::fail(who, ": two parameters are named '", e.param.name, "'");
+  }
   std::vector<ParamGroupEntry<Scalar>> entries_;
   double lr_ = 0;
+  long steps_ = 0;
 };
 
 struct SgdOptions {
@@ -87,7 +168,7 @@ class Sgd : public Optimizer<Scalar> {
       Mat<Scalar> g = e.param.grad;
       if (o_.weight_decay != 0) g += Scalar(o_.weight_decay) * e.param.value;
       if (o_.momentum != 0) {
-        if (steps_ == 0)
+        if (this->steps_ == 0)
           buf_[i] = g;
         else
           buf_[i] = Scalar(o_.momentum) * buf_[i] + Scalar(1 - o_.dampening) * g;
@@ -98,14 +179,15 @@ class Sgd : public Optimizer<Scalar> {
       }
       p -= Scalar(this->lr_ * e.lr_scale) * g.array();
     }
-    ++steps_;
+    ++this->steps_;
   }
 
  private:
   void added(const Parameter<Scalar>& p) override { buf_.push_back(Mat<Scalar>::Zero(p.value.rows(), p.value.cols())); }
+  const char* type_name() const override { return "SGD"; }
+  std::vector<typename Optimizer<Scalar>::Slot> slots() const override { return {{"momentum_buffer", &buf_}}; }
   SgdOptions o_;
   std::vector<Mat<Scalar>> buf_;
-  long steps_ = 0;
 };
 
 struct AdamWOptions {
@@ -126,9 +208,9 @@ class AdamW : public Optimizer<Scalar> {
   }
 
   void step() override {
-    ++t_;
-    const double bc1 = 1 - std::pow(o_.beta1, double(t_));
-    const double bc2_sqrt = std::sqrt(1 - std::pow(o_.beta2, double(t_)));
+    const long t = ++this->steps_;
+    const double bc1 = 1 - std::pow(o_.beta1, double(t));
+    const double bc2_sqrt = std::sqrt(1 - std::pow(o_.beta2, double(t)));
     for (std::size_t i = 0; i < this->entries_.size(); ++i) {
       auto& e = this->entries_[i];
       const double lr = this->lr_ * e.lr_scale;
@@ -141,16 +223,16 @@ class AdamW : public Optimizer<Scalar> {
     }
   }
 
-  long steps() const { return t_; }
 
  private:
   void added(const Parameter<Scalar>& p) override {
     m_.push_back(Mat<Scalar>::Zero(p.value.rows(), p.value.cols()));
     v_.push_back(Mat<Scalar>::Zero(p.value.rows(), p.value.cols()));
   }
+  const char* type_name() const override { return "AdamW"; }
+  std::vector<typename Optimizer<Scalar>::Slot> slots() const override { return {{"exp_avg", &m_}, {"exp_avg_sq", &v_}}; }
   AdamWOptions o_;
   std::vector<Mat<Scalar>> m_, v_;
-  long t_ = 0;
 };
 
 // Scales all gradients together so that their global L2 norm is at most max_norm

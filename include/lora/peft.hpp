@@ -86,12 +86,6 @@ inline bool is_lora_key(const std::string& key) {
   return false;
 }
 
-inline std::string join(const std::vector<std::string>& v) {
-  std::string s;
-  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
-  return s;
-}
-
 // The adapter of layer that save/describe: the named one, or the layer's one active adapter.
 template <class Scalar>
 std::string adapter_of(const LoraLinear<Scalar>& layer, const std::string& adapter) {
@@ -109,17 +103,28 @@ std::string adapter_to_save(const LoraLinear<Scalar>& layer, const std::string& 
   return adapter_of(layer, adapter);
 }
 
-// DIR/adapter_model.safetensors (the builder's tensors) and DIR/adapter_config.json, both or
-// neither (new weights never sit beside an old config); creates DIR if needed.
+// DIR/adapter_model.safetensors (the builder's tensors) and DIR/adapter_config.json, written as a
+// new directory that takes DIR's place in one rename (replace_directory: a crash leaves the old
+// adapter or the new one, never new weights beside an old config); DIR's other files stay.
 inline void write_peft_dir(const std::string& dir, SafeTensorsBuilder& b, const PeftConfig& config, const char* who) {
   namespace fs = std::filesystem;
+  const char* names[] = {"adapter_model.safetensors", "adapter_config.json"};
+  for (const char* n : names) {
+    std::error_code ec;
+    const auto st = fs::symlink_status(fs::path(dir) / n, ec);
+    if (fs::exists(st) && !fs::is_regular_file(st))
+      fail(who, ": ", (fs::path(dir) / n).string(), " exists and is not a regular file; nothing was written");
+  }
   const std::string text = config.to_json();
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) fail(who, ": cannot create ", dir, ": ", ec.message());
   b.metadata("format", "pt");
-  write_files_atomic({{(fs::path(dir) / "adapter_model.safetensors").string(), b.serialize()},
-                      {(fs::path(dir) / "adapter_config.json").string(), FileBytes(text.begin(), text.end())}});
+  const FileBytes weights = b.serialize();
+  replace_directory(
+      dir,
+      [&](const std::string& tmp) {
+        write_file_atomic((fs::path(tmp) / names[0]).string(), weights);
+        write_file_atomic((fs::path(tmp) / names[1]).string(), FileBytes(text.begin(), text.end()));
+      },
+      true);
 }
 
 // A config for modules with these LoRA configs: target_modules lists their paths, r and alpha

@@ -7,14 +7,22 @@
 // then each is renamed into place; if a rename fails, the targets already replaced get their old
 // files back (kept as hard links until the end). Paths that exist but are not regular files
 // (a directory in a file's place) are refused before anything is written.
+// replace_directory: a whole directory replaced in one rename (PEFT adapter directories,
+// training checkpoints); see below.
+// fault_point: a test hook; the process kills itself there when LORA_FAULT_POINT names it.
 #pragma once
 
 #include <lora/error.hpp>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -118,5 +126,106 @@ inline void write_files_atomic(const std::vector<std::pair<std::string, FileByte
 }
 
 inline void write_file_atomic(const std::string& path, const FileBytes& bytes) { write_files_atomic({{path, bytes}}); }
+
+// For fault tests: SIGKILL to this process when the environment's LORA_FAULT_POINT is name.
+inline void fault_point(const char* name) {
+  const char* want = std::getenv("LORA_FAULT_POINT");
+  if (want && std::strcmp(want, name) == 0) std::raise(SIGKILL);
+}
+
+inline void fsync_path(const std::string& path, int flags) {
+  const int fd = ::open(path.c_str(), flags);
+  if (fd < 0) fail(path, ": cannot open to fsync: ", std::strerror(errno));
+  const int r = ::fsync(fd);
+  const int e = errno;
+  ::close(fd);
+  if (r != 0) fail(path, ": fsync failed: ", std::strerror(e));
+}
+
+// Replaces directory dir as a whole: fill(tmp) writes the new content into tmp, a new directory
+// beside dir (".<name>.tmp.XXXXXX"); then every file in it and tmp itself are fsynced, and tmp
+// takes dir's place in one rename: renameat2's RENAME_EXCHANGE when dir exists (the old content
+// lands in tmp's name and is removed), a plain rename when it does not. A crash leaves dir as it
+// was or as fill made it, never a mixture (at worst a stray .tmp directory); an exception from
+// fill removes tmp and leaves dir untouched. With carry_over, dir's entries that fill did not
+// write are kept: files by hard links, subdirectories moved into tmp just before the exchange.
+// Where the filesystem has no RENAME_EXCHANGE, dir moves aside (".<name>.old.XXXXXX") and tmp
+// takes its name: two renames, between which a crash leaves dir only under the old name.
+inline void replace_directory(const std::string& dir, const std::function<void(const std::string&)>& fill, bool carry_over = false) {
+  namespace fs = std::filesystem;
+  const fs::path target = fs::absolute(fs::path(dir)).lexically_normal();
+  const fs::path parent = target.parent_path(), name = target.filename();
+  if (name.empty() || name == "." || name == "..") fail(dir, ": not a directory name");
+  std::error_code ec;
+  const auto status = fs::symlink_status(target, ec);
+  const bool exists = fs::exists(status);
+  if (exists && !fs::is_directory(status)) fail(dir, ": exists and is not a directory; nothing was written");
+  fs::create_directories(parent, ec);
+  if (ec) fail(parent.string(), ": cannot create: ", ec.message());
+  std::string tmp = (parent / ("." + name.string() + ".tmp.XXXXXX")).string();
+  if (!::mkdtemp(tmp.data())) fail(dir, ": cannot create a directory beside it: ", std::strerror(errno));
+  std::vector<fs::path> subdirs, moved;  // dir's subdirectories to carry over; those already in tmp
+  const auto drop = [&](const std::string& p) {  // (moved subdirectories go back first)
+    for (const auto& d : moved) ::rename((fs::path(tmp) / d).c_str(), (target / d).c_str());
+    moved.clear();
+    std::error_code ignored;
+    fs::remove_all(p, ignored);
+  };
+  try {
+    ::chmod(tmp.c_str(), 0755);
+    fill(tmp);
+    if (exists && carry_over)
+      for (const auto& e : fs::directory_iterator(target)) {
+        const fs::path to = fs::path(tmp) / e.path().filename();
+        if (fs::exists(fs::symlink_status(to))) continue;  // fill wrote it
+        if (e.is_directory(ec) && !e.is_symlink(ec))
+          subdirs.push_back(e.path().filename());
+        else if (::link(e.path().c_str(), to.c_str()) != 0)
+          fail(e.path().string(), ": cannot keep it (hard link into the new directory): ", std::strerror(errno));
+      }
+    for (const auto& e : fs::recursive_directory_iterator(tmp))
+      if (e.is_regular_file() && !e.is_symlink()) fsync_path(e.path().string(), O_RDONLY);
+    fault_point("replace_directory");
+    for (const auto& d : subdirs) {
+      if (::rename((target / d).c_str(), (fs::path(tmp) / d).c_str()) != 0)
+        fail((target / d).string(), ": cannot move it into the new directory: ", std::strerror(errno));
+      moved.push_back(d);
+    }
+    fsync_path(tmp, O_RDONLY | O_DIRECTORY);
+  } catch (...) {
+    drop(tmp);
+    throw;
+  }
+  if (!exists) {
+    if (::rename(tmp.c_str(), target.c_str()) != 0) {
+      const int e = errno;
+      drop(tmp);
+      fail(dir, ": rename failed: ", std::strerror(e), "; nothing was written");
+    }
+  } else {
+    bool swapped = false;
+#ifdef RENAME_EXCHANGE
+    swapped = ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0;
+#endif
+    if (!swapped) {
+      std::string old = (parent / ("." + name.string() + ".old.XXXXXX")).string();
+      if (!::mkdtemp(old.data()) || ::rmdir(old.c_str()) != 0 || ::rename(target.c_str(), old.c_str()) != 0) {
+        const int e = errno;
+        drop(tmp);
+        fail(dir, ": cannot move the old directory aside: ", std::strerror(e), "; nothing was changed");
+      }
+      if (::rename(tmp.c_str(), target.c_str()) != 0) {
+        const int e = errno;
+        ::rename(old.c_str(), target.c_str());
+        drop(tmp);
+        fail(dir, ": rename failed: ", std::strerror(e), "; nothing was changed");
+      }
+      tmp = old;
+    }
+    moved.clear();  // they are in dir now
+    drop(tmp);      // the old content
+  }
+  fsync_path(parent.string(), O_RDONLY | O_DIRECTORY);
+}
 
 }  // namespace lora::detail

@@ -2,6 +2,7 @@
 // and dropout masks are the same on every platform and standard library for a given seed.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 
@@ -29,6 +30,15 @@ class Rng {
     s_[2] ^= t;
     s_[3] = rotl(s_[3], 45);
     return result;
+  }
+
+  // The generator's whole state, to save and restore a stream exactly (checkpoints). An all-zero
+  // state is xoshiro's one fixed point; set_state refuses it.
+  std::array<std::uint64_t, 4> state() const { return {s_[0], s_[1], s_[2], s_[3]}; }
+  bool set_state(const std::array<std::uint64_t, 4>& s) {
+    if ((s[0] | s[1] | s[2] | s[3]) == 0) return false;
+    for (int i = 0; i < 4; ++i) s_[i] = s[i];
+    return true;
   }
 
   // Uniform in [0, 1), 53 random bits.
