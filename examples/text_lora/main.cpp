@@ -5,24 +5,32 @@
 // adapters as PEFT directories, the fine-tuned model as a Hugging Face checkpoint.
 //
 //   text_lora [--quick] [--out DIR] [--threads N] [--seed S] [--data DIR] [--target de|es]
-//             [--pretrain-steps N] [--steps N]
+//             [--pretrain-steps N] [--steps N] [--checkpoint-every N] [--max-steps N] [--resume DIR]
 //
 // The pre-trained model is cached in OUT/pretrained (config.json + model.safetensors, with the
 // settings that made it in demo.json) and reused by later runs with the same settings.
+// --checkpoint-every N writes a checkpoint every N steps of each phase; --max-steps N stops after
+// N optimizer steps in all (pre-training and the three methods), leaving a checkpoint; --resume
+// DIR continues the run whose --out was DIR from its latest checkpoint, with the same settings
+// and thread count, to the same results (resume.hpp).
 #include <lora/loss.hpp>
 #include <lora/models/generate.hpp>
 #include <lora/models/llama.hpp>
 #include <lora/optim.hpp>
 #include <lora/peft.hpp>
+#include <lora/training_checkpoint.hpp>
 
 #include "../common/report.hpp"
 #include "corpus.hpp"
+#include "resume.hpp"
 
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -42,7 +50,17 @@ struct Settings {
   int d = 128, layers = 4, heads = 4, kv_heads = 2, ff = 344;
   std::size_t english_bytes = 0, target_bytes = 0;  // 0: all
   int sample_bytes = 127;
+  long checkpoint_every = 0, max_steps = 0;
+  std::string resume;
 };
+
+// What decides the results: a resumed run must have the same.
+nlohmann::json settings_json(const Settings& s) {
+  return {{"quick", s.quick}, {"threads", s.threads}, {"seed", s.seed}, {"data", s.data}, {"target", s.target},
+          {"pretrain_steps", s.pretrain_steps}, {"steps", s.steps}, {"batch", s.batch}, {"T", s.T}, {"eval_windows", s.eval_windows},
+          {"d", s.d}, {"layers", s.layers}, {"heads", s.heads}, {"kv_heads", s.kv_heads}, {"ff", s.ff},
+          {"english_bytes", s.english_bytes}, {"target_bytes", s.target_bytes}, {"sample_bytes", s.sample_bytes}};
+}
 
 std::string config_json(const Settings& s) {
   char buf[1024];
@@ -107,18 +125,12 @@ std::string sample(const Model& model, const Settings& s, std::uint64_t seed) {
   return decode(lora::generate(model, {{kBos}}, g)[0]);
 }
 
-struct Run {
-  std::string name, key;
-  long trainable = 0;
-  double seconds = 0, tokens_per_s = 0, peak = 0, before = 0, after = 0, english = 0;
-  Curve train{"", {}, {}}, held{"", {}, {}};
-  std::string text;
-};
-
 // steps of AdamW (warmup + cosine, clipping at 1) on random windows of stream; the held-out bits
 // per byte every steps/5 go into run.held, the mean training loss every steps/20 into run.train.
+// From phase_dir's latest checkpoint when there is one (model already holds its weights);
+// checkpoints go there (write_model writes the model's trainable state) as res asks.
 void train(Model& model, const Settings& s, const std::vector<std::int64_t>& stream, const Ids& held, double lr, long steps,
-           Run& run) {
+           Run& run, const std::string& phase_dir, const std::function<void(const std::string&)>& write_model, Resumable& res) {
   lora::AdamWOptions o;
   o.lr = lr;
   o.weight_decay = 0.01;
@@ -126,13 +138,41 @@ void train(Model& model, const Settings& s, const std::vector<std::int64_t>& str
   auto params = model.parameters();
   opt.add(params);
   std::mt19937_64 rng(s.seed + 17);
-  Progress bar(run.name, steps);
-  double sum = 0, train_seconds = 0;
+  double sum = 0, train_seconds = 0, seconds = 0;
   int n = 0;
-  const long every = std::max(1L, steps / 20), eval_every = std::max(1L, steps / 5);
   run.held.x = {0};
   run.held.y = {run.before};
-  for (long step = 0; step < steps; ++step) {
+  const std::string resumed = lora::latest_training_checkpoint(phase_dir);
+  if (!resumed.empty()) {
+    const nlohmann::json p = lora::resume_training(resumed, model.modules(), opt);
+    try {
+      const Run saved = run_from_json(p.at("run"), resumed);
+      run.train = saved.train;
+      run.held = saved.held;
+      rng_from_text(rng, p.at("rng").get<std::string>(), resumed);
+      sum = p.at("sum");
+      n = p.at("n");
+      train_seconds = p.at("train_seconds");
+      seconds = p.at("seconds");
+    } catch (const nlohmann::json::exception& e) {
+      lora::detail::fail(resumed, ": progress: ", e.what());
+    }
+    res.taken += opt.steps();
+    std::printf("%s: resumed at step %ld from %s\n", run.name.c_str(), opt.steps(), resumed.c_str());
+  }
+  Progress bar(run.name, steps);
+  const auto checkpoint = [&] {
+    nlohmann::json p = {{"run", to_json(run)}, {"rng", rng_text(rng)}, {"sum", sum}, {"n", n}, {"train_seconds", train_seconds},
+                        {"seconds", seconds + bar.seconds()}};
+    lora::save_training_checkpoint<float>(phase_dir, write_model, model.modules(), opt, p);
+  };
+  const long every = std::max(1L, steps / 20), eval_every = std::max(1L, steps / 5);
+  for (long step = opt.steps(); step < steps; ++step) {
+    if (res.max_steps && res.taken >= res.max_steps) {
+      if (resumed.empty() || step > lora::training_checkpoints(phase_dir).back().first) checkpoint();
+      bar.finish();
+      throw Stopped{};
+    }
     const auto t0 = Progress::Clock::now();
     const Ids ids = random_windows(stream, s.batch, s.T, rng);
     model.zero_grad();
@@ -141,6 +181,7 @@ void train(Model& model, const Settings& s, const std::vector<std::int64_t>& str
     lora::clip_grad_norm(params, 1.0);
     opt.set_lr(lora::warmup_cosine_lr(lr, step, steps / 10, steps));
     opt.step();
+    ++res.taken;
     train_seconds += std::chrono::duration<double>(Progress::Clock::now() - t0).count();
     sum += r.loss / std::log(2.0);
     ++n;
@@ -157,16 +198,19 @@ void train(Model& model, const Settings& s, const std::vector<std::int64_t>& str
       }
     }
     bar.update(step + 1, r.loss / std::log(2.0));
+    if (res.every && (step + 1) % res.every == 0 && step + 1 < steps) checkpoint();
   }
-  run.seconds = bar.finish();
+  run.seconds = seconds + bar.finish();
   run.tokens_per_s = double(steps) * double(s.batch * s.T) / train_seconds;
   run.after = run.held.y.back();
 }
 
 Settings parse(int argc, char** argv) {
   Settings s;
+  std::string fixed;  // a flag that decides the results (refused with --resume)
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    if (a != "--resume" && a != "--max-steps" && a != "--checkpoint-every") fixed = a;
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) lora::detail::fail(a, " needs a value");
       return argv[++i];
@@ -198,36 +242,86 @@ Settings parse(int argc, char** argv) {
       s.pretrain_steps = std::stol(value());
     } else if (a == "--steps") {
       s.steps = std::stol(value());
+    } else if (a == "--checkpoint-every") {
+      s.checkpoint_every = std::stol(value());
+    } else if (a == "--max-steps") {
+      s.max_steps = std::stol(value());
+    } else if (a == "--resume") {
+      s.resume = value();
     } else {
       lora::detail::fail("unknown argument ", a, "; see the comment at the top of examples/text_lora/main.cpp");
     }
   }
   if (s.threads < 1 || s.pretrain_steps < 1 || s.steps < 1) lora::detail::fail("--threads, --pretrain-steps and --steps must be >= 1");
+  if (s.checkpoint_every < 0 || s.max_steps < 0) lora::detail::fail("--checkpoint-every and --max-steps must be >= 0");
+  if (!s.resume.empty()) {
+    if (!fixed.empty())
+      lora::detail::fail(fixed, " with --resume: the run continues with its own settings (", s.resume,
+                         "/run.json); only --max-steps and --checkpoint-every may be given");
+    const std::string label = s.resume + "/run.json";
+    const nlohmann::json j = nlohmann::json::parse(lora::detail::read_text(label), nullptr, false);
+    Settings r;
+    r.out = s.resume;
+    r.resume = s.resume;
+    r.checkpoint_every = s.checkpoint_every;
+    r.max_steps = s.max_steps;
+    try {
+      r.quick = j.at("quick");
+      r.threads = j.at("threads");
+      r.seed = j.at("seed");
+      r.data = j.at("data");
+      r.target = j.at("target");
+      r.pretrain_steps = j.at("pretrain_steps");
+      r.steps = j.at("steps");
+      r.batch = j.at("batch");
+      r.T = j.at("T");
+      r.eval_windows = j.at("eval_windows");
+      r.d = j.at("d");
+      r.layers = j.at("layers");
+      r.heads = j.at("heads");
+      r.kv_heads = j.at("kv_heads");
+      r.ff = j.at("ff");
+      r.english_bytes = j.at("english_bytes");
+      r.target_bytes = j.at("target_bytes");
+      r.sample_bytes = j.at("sample_bytes");
+    } catch (const nlohmann::json::exception& e) {
+      lora::detail::fail(label, ": not a text_lora run's settings: ", e.what());
+    }
+    return r;
+  }
   return s;
 }
 
 // The pre-trained model: OUT/pretrained when demo.json there matches these settings, else trained
-// from a new model now (every weight trains) and saved there.
-void pretrain(const Settings& s, const Corpus& english, const Ids& held, const std::string& dir) {
+// from a new model now (every weight trains; from a checkpoint of this run when there is one)
+// and saved there.
+void pretrain(const Settings& s, const Corpus& english, const Ids& held, const std::string& dir, const std::string& checkpoints,
+              Resumable& res) {
   const std::string stamp = lora::detail::cat("{\"seed\": ", s.seed, ", \"steps\": ", s.pretrain_steps, ", \"batch\": ", s.batch,
                                               ", \"english_bytes\": ", english.train.size(), "}\n");
-  const std::string config = config_json(s);
+  const std::string config = config_json(s), phase = checkpoints + "/pretrain";
   if (fs::exists(fs::path(dir) / "demo.json") && lora::detail::read_text(dir + "/demo.json") == stamp &&
-      lora::detail::read_text(dir + "/config.json") == config) {
+      lora::detail::read_text(dir + "/config.json") == config && lora::training_checkpoints(phase).empty()) {
+    if (fs::exists(phase + "/done.json")) res.taken += s.pretrain_steps;  // pre-trained in this run
     std::printf("pre-trained model: %s (cached)\n", dir.c_str());
     return;
   }
-  Model model(lora::LmConfig::from_json(config, "text_lora config"), s.seed);
+  const std::string resumed = lora::latest_training_checkpoint(phase);
+  Model model = resumed.empty() ? Model(lora::LmConfig::from_json(config, "text_lora config"), s.seed) : Model(resumed);
   model.set_base_trainable(true);
   Run run;
   run.name = "pre-training (English)";
-  run.before = bits_per_byte(model, held, s.batch);
-  train(model, s, english.train, held, 3e-3, s.pretrain_steps, run);
+  run.before = resumed.empty() ? bits_per_byte(model, held, s.batch) : 0;  // a resume restores the curves
+  train(model, s, english.train, held, 3e-3, s.pretrain_steps, run, phase, [&](const std::string& d) { model.save_pretrained(d); },
+        res);
+  run.before = run.held.y.front();
   std::printf("pre-trained %ld steps in %.0f s (%.0f tokens/s): English held-out %.3f -> %.3f bits per byte\n", s.pretrain_steps,
               run.seconds, run.tokens_per_s, run.before, run.after);
   fs::remove_all(dir);
   model.save_pretrained(dir);
   lora::detail::write_file_atomic(dir + "/demo.json", lora::detail::FileBytes(stamp.begin(), stamp.end()));
+  write_json(phase + "/done.json", to_json(run));
+  for (const auto& [step, ck] : lora::training_checkpoints(phase)) fs::remove_all(ck);
 }
 
 }  // namespace
@@ -244,18 +338,16 @@ int main(int argc, char** argv) try {
               target.held_out.size(), s.threads);
   const Ids english_held = tiled_windows(english.held_out, s.T, s.eval_windows);
   const Ids target_held = tiled_windows(target.held_out, s.T, s.eval_windows);
-  const std::string pretrained = s.out + "/pretrained";
-  pretrain(s, english, english_held, pretrained);
-
-  const Model base(pretrained);
-  const double base_english = bits_per_byte(base, english_held, s.batch), base_target = bits_per_byte(base, target_held, s.batch);
-  std::printf("pre-trained model (%lld parameters): held-out bits per byte English %.3f, %s %.3f\n",
-              static_cast<long long>(base.base_parameters()), base_english, s.target.c_str(), base_target);
-  std::ofstream samples(s.out + "/samples.txt");
-  const std::string before = sample(base, s, s.seed);
-  samples << "== pre-trained\n" << before << "\n";
-  std::printf("sample before: %s\n", before.c_str());
-
+  const std::string pretrained = s.out + "/pretrained", checkpoints = s.out + "/checkpoints";
+  Resumable res;
+  res.every = s.checkpoint_every;
+  res.max_steps = s.max_steps;
+  if (s.resume.empty()) {  // a new run: earlier runs' checkpoints go
+    fs::remove_all(checkpoints);
+    write_json(s.out + "/run.json", settings_json(s));
+  }
+  std::vector<Run> runs;
+  bool ok = true;
   struct Method {
     std::string name, key;
     std::vector<std::string> targets;  // empty: full fine-tuning
@@ -266,48 +358,75 @@ int main(int argc, char** argv) try {
       {"LoRA all linears (r 8)", "lora_all", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, 4e-3},
       {"full fine-tuning", "full", {}, 1e-3},
   };
-  std::vector<Run> runs;
-  bool ok = true;
-  for (const Method& m : methods) {
-    reset_peak();
-    lora::PeftConfig peft;
-    peft.r = 8;
-    peft.lora_alpha = 16;
-    peft.target_modules = m.targets;
-    peft.raw["task_type"] = "CAUSAL_LM";
-    peft.raw["base_model_name_or_path"] = fs::absolute(pretrained).string();
-    lora::LoraConfig base_config;
-    base_config.seed = s.seed;
-    Model model(pretrained, m.targets.empty() ? nullptr : &peft, base_config);
-    if (m.targets.empty()) model.set_base_trainable(true);
-    Run run;
-    run.name = m.name;
-    run.key = m.key;
-    run.trainable = long(model.trainable_parameters());
-    run.before = base_target;
-    train(model, s, target.train, target_held, m.lr, s.steps, run);
-    run.english = bits_per_byte(model, english_held, s.batch);
-    run.peak = peak_mib();
-    run.text = sample(model, s, s.seed);
-    samples << "== " << m.name << "\n" << run.text << "\n";
-    if (m.targets.empty()) {
-      model.save_pretrained(s.out + "/" + m.key);
-    } else {
-      lora::save_adapter(s.out + "/adapter_" + m.key, model.modules(), peft);
-      const lora::Mat<float> unmerged = model.forward(target_held.topRows(1));
-      model.modules().merge();
-      const double diff = (model.forward(target_held.topRows(1)) - unmerged).cwiseAbs().maxCoeff();
-      if (diff > 1e-3) {
-        std::printf("  merged and unmerged logits differ by %.2e\n", diff);
-        ok = false;
+  std::ofstream samples;
+  try {
+    pretrain(s, english, english_held, pretrained, checkpoints, res);
+
+    const Model base(pretrained);
+    const double base_english = bits_per_byte(base, english_held, s.batch), base_target = bits_per_byte(base, target_held, s.batch);
+    std::printf("pre-trained model (%lld parameters): held-out bits per byte English %.3f, %s %.3f\n",
+                static_cast<long long>(base.base_parameters()), base_english, s.target.c_str(), base_target);
+    samples.open(s.out + "/samples.txt");
+    const std::string before = sample(base, s, s.seed);
+    samples << "== pre-trained\n" << before << "\n";
+    std::printf("sample before: %s\n", before.c_str());
+
+    for (const Method& m : methods) {
+      const std::string phase = checkpoints + "/" + m.key;
+      Run run;
+      if (fs::exists(phase + "/done.json")) {  // finished before a resume
+        run = run_from_json(nlohmann::json::parse(lora::detail::read_text(phase + "/done.json")), phase + "/done.json");
+        res.taken += s.steps;
+      } else {
+        reset_peak();
+        lora::PeftConfig peft;
+        peft.r = 8;
+        peft.lora_alpha = 16;
+        peft.target_modules = m.targets;
+        peft.raw["task_type"] = "CAUSAL_LM";
+        peft.raw["base_model_name_or_path"] = fs::absolute(pretrained).string();
+        lora::LoraConfig base_config;
+        base_config.seed = s.seed;
+        const bool full = m.targets.empty();
+        const std::string resumed = lora::latest_training_checkpoint(phase);
+        Model model = full && !resumed.empty() ? Model(resumed) : Model(pretrained, full ? nullptr : &peft, base_config);
+        if (full) model.set_base_trainable(true);
+        if (!full && !resumed.empty()) model.load_adapter(resumed);
+        run.name = m.name;
+        run.key = m.key;
+        run.trainable = long(model.trainable_parameters());
+        run.before = base_target;
+        const auto write_model = [&](const std::string& d) { full ? model.save_pretrained(d) : model.save_adapter(d, peft); };
+        train(model, s, target.train, target_held, m.lr, s.steps, run, phase, write_model, res);
+        run.english = bits_per_byte(model, english_held, s.batch);
+        run.peak = peak_mib();
+        run.text = sample(model, s, s.seed);
+        if (full) {
+          model.save_pretrained(s.out + "/" + m.key);
+        } else {
+          lora::save_adapter(s.out + "/adapter_" + m.key, model.modules(), peft);
+          const lora::Mat<float> unmerged = model.forward(target_held.topRows(1));
+          model.modules().merge();
+          const double diff = (model.forward(target_held.topRows(1)) - unmerged).cwiseAbs().maxCoeff();
+          if (diff > 1e-3) {
+            std::printf("  merged and unmerged logits differ by %.2e\n", diff);
+            run.merge_ok = false;
+          }
+        }
+        write_json(phase + "/done.json", to_json(run));
+        for (const auto& [step, ck] : lora::training_checkpoints(phase)) fs::remove_all(ck);
       }
+      samples << "== " << m.name << "\n" << run.text << "\n";
+      std::printf("%-24s %9ld trainable  %s %.3f -> %.3f bits/byte, English %.3f  %7.0f tokens/s  peak %.0f MiB  %.0f s\n",
+                  m.name.c_str(), run.trainable, s.target.c_str(), run.before, run.after, run.english, run.tokens_per_s, run.peak,
+                  run.seconds);
+      std::printf("  sample: %s\n", run.text.c_str());
+      ok = ok && run.merge_ok && run.after < run.before;
+      runs.push_back(run);
     }
-    std::printf("%-24s %9ld trainable  %s %.3f -> %.3f bits/byte, English %.3f  %7.0f tokens/s  peak %.0f MiB  %.0f s\n",
-                m.name.c_str(), run.trainable, s.target.c_str(), run.before, run.after, run.english, run.tokens_per_s, run.peak,
-                run.seconds);
-    std::printf("  sample: %s\n", run.text.c_str());
-    ok = ok && run.after < run.before;
-    runs.push_back(run);
+  } catch (const Stopped&) {
+    std::printf("text_lora: stopped after %ld optimizer steps (--max-steps); continue with --resume %s\n", res.taken, s.out.c_str());
+    return 0;
   }
 
   std::ofstream csv(s.out + "/results.csv");
