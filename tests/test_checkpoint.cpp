@@ -203,6 +203,35 @@ TEST(Checkpoint, KilledWhileWritingLeavesThePreviousOne) {
   fs::remove_all(adapter);
 }
 
+// save_adapter replaces its directory as a whole but keeps what else the directory holds (a file,
+// a subdirectory), through a trailing slash or a symbolic link to it too.
+TEST(Checkpoint, SaveAdapterKeepsTheDirectorysOtherFiles) {
+  const std::string dir = scratch("keep_files"), link = scratch("keep_files_link");
+  Training run;
+  run.model.save_adapter(dir, config(), lora::Dtype::F64);
+  std::ofstream(dir + "/README.md") << "notes";
+  fs::create_directories(dir + "/eval");
+  std::ofstream(dir + "/eval/scores.txt") << "0.5";
+  fs::create_directory_symlink(dir, link);
+  const std::string before = lora::detail::read_text(dir + "/adapter_model.safetensors");
+  run.train(2);  // (the first step's learning rate is 0: warmup)
+  run.model.save_adapter(dir + "/", config(), lora::Dtype::F64);
+  EXPECT_TRUE(lora::detail::read_text(dir + "/adapter_model.safetensors") != before);
+  EXPECT_EQ(lora::detail::read_text(dir + "/README.md"), "notes");
+  EXPECT_EQ(lora::detail::read_text(dir + "/eval/scores.txt"), "0.5");
+  run.train(1);
+  run.model.save_adapter(link, config(), lora::Dtype::F64);
+  EXPECT_TRUE(fs::is_symlink(link));
+  EXPECT_EQ(lora::detail::read_text(link + "/README.md"), "notes");
+  Model back(kLlama, &config());
+  back.load_adapter(link);
+  expect_same_parameters(back, run.model);
+  for (const auto& e : fs::directory_iterator(fs::path(dir).parent_path()))  // no temporary left beside it
+    EXPECT_NE(e.path().filename().string().rfind(".lora_test_checkpoint.keep_files", 0), 0u) << e.path();
+  fs::remove(link);
+  fs::remove_all(dir);
+}
+
 TEST(Checkpoint, BadCheckpointsAreRefusedByName) {
   const std::string out = scratch("bad");
   Training run;

@@ -153,10 +153,12 @@ inline void fsync_path(const std::string& path, int flags) {
 // takes its name: two renames, between which a crash leaves dir only under the old name.
 inline void replace_directory(const std::string& dir, const std::function<void(const std::string&)>& fill, bool carry_over = false) {
   namespace fs = std::filesystem;
-  const fs::path target = fs::absolute(fs::path(dir)).lexically_normal();
+  fs::path target = fs::absolute(fs::path(dir)).lexically_normal();
+  if (target.filename().empty()) target = target.parent_path();  // "out/adapter/"
+  std::error_code ec;
+  if (fs::is_symlink(target, ec)) target = fs::canonical(target, ec);  // the directory it names is replaced
   const fs::path parent = target.parent_path(), name = target.filename();
   if (name.empty() || name == "." || name == "..") fail(dir, ": not a directory name");
-  std::error_code ec;
   const auto status = fs::symlink_status(target, ec);
   const bool exists = fs::exists(status);
   if (exists && !fs::is_directory(status)) fail(dir, ": exists and is not a directory; nothing was written");
@@ -180,8 +182,10 @@ inline void replace_directory(const std::string& dir, const std::function<void(c
         if (fs::exists(fs::symlink_status(to))) continue;  // fill wrote it
         if (e.is_directory(ec) && !e.is_symlink(ec))
           subdirs.push_back(e.path().filename());
-        else if (::link(e.path().c_str(), to.c_str()) != 0)
-          fail(e.path().string(), ": cannot keep it (hard link into the new directory): ", std::strerror(errno));
+        else if (::link(e.path().c_str(), to.c_str()) != 0) {
+          fs::copy(e.path(), to, fs::copy_options::copy_symlinks, ec);  // no hard links there: a copy
+          if (ec) fail(e.path().string(), ": cannot keep it (neither a hard link nor a copy in the new directory): ", ec.message());
+        }
       }
     for (const auto& e : fs::recursive_directory_iterator(tmp))
       if (e.is_regular_file() && !e.is_symlink()) fsync_path(e.path().string(), O_RDONLY);
