@@ -54,12 +54,20 @@ struct Settings {
   std::string resume;
 };
 
-// What decides the results: a resumed run must have the same.
+// What decides the results (a resumed run has the same): f(name, field) for each, to write and
+// to read OUT/run.json from one list.
+template <class S, class F>
+void result_settings(S& s, F&& f) {
+  f("quick", s.quick), f("threads", s.threads), f("seed", s.seed), f("data", s.data), f("target", s.target);
+  f("pretrain_steps", s.pretrain_steps), f("steps", s.steps), f("batch", s.batch), f("T", s.T);
+  f("eval_windows", s.eval_windows), f("d", s.d), f("layers", s.layers), f("heads", s.heads), f("kv_heads", s.kv_heads);
+  f("ff", s.ff), f("english_bytes", s.english_bytes), f("target_bytes", s.target_bytes), f("sample_bytes", s.sample_bytes);
+}
+
 nlohmann::json settings_json(const Settings& s) {
-  return {{"quick", s.quick}, {"threads", s.threads}, {"seed", s.seed}, {"data", s.data}, {"target", s.target},
-          {"pretrain_steps", s.pretrain_steps}, {"steps", s.steps}, {"batch", s.batch}, {"T", s.T}, {"eval_windows", s.eval_windows},
-          {"d", s.d}, {"layers", s.layers}, {"heads", s.heads}, {"kv_heads", s.kv_heads}, {"ff", s.ff},
-          {"english_bytes", s.english_bytes}, {"target_bytes", s.target_bytes}, {"sample_bytes", s.sample_bytes}};
+  nlohmann::json j;
+  result_settings(s, [&](const char* name, const auto& v) { j[name] = v; });
+  return j;
 }
 
 std::string config_json(const Settings& s) {
@@ -266,24 +274,7 @@ Settings parse(int argc, char** argv) {
     r.checkpoint_every = s.checkpoint_every;
     r.max_steps = s.max_steps;
     try {
-      r.quick = j.at("quick");
-      r.threads = j.at("threads");
-      r.seed = j.at("seed");
-      r.data = j.at("data");
-      r.target = j.at("target");
-      r.pretrain_steps = j.at("pretrain_steps");
-      r.steps = j.at("steps");
-      r.batch = j.at("batch");
-      r.T = j.at("T");
-      r.eval_windows = j.at("eval_windows");
-      r.d = j.at("d");
-      r.layers = j.at("layers");
-      r.heads = j.at("heads");
-      r.kv_heads = j.at("kv_heads");
-      r.ff = j.at("ff");
-      r.english_bytes = j.at("english_bytes");
-      r.target_bytes = j.at("target_bytes");
-      r.sample_bytes = j.at("sample_bytes");
+      result_settings(r, [&](const char* name, auto& v) { j.at(name).get_to(v); });
     } catch (const nlohmann::json::exception& e) {
       lora::detail::fail(label, ": not a text_lora run's settings: ", e.what());
     }

@@ -18,6 +18,7 @@
 #include <lora/types.hpp>
 
 #include <cmath>
+#include <cstdio>
 #include <set>
 #include <string>
 #include <utility>
@@ -68,7 +69,9 @@ class Optimizer {
       for (std::size_t i = 0; i < entries_.size(); ++i) b.add(entries_[i].param.name + "." + slot, (*mats)[i]);
     b.metadata("optimizer", type_name());
     b.metadata("steps", std::to_string(steps_));
-    b.metadata("lr", detail::cat(lr_));
+    char lr[32];
+    std::snprintf(lr, sizeof lr, "%.17g", lr_);  // every digit: the learning rate comes back exactly
+    b.metadata("lr", lr);
   }
 
   // Checks that st holds what save_state wrote for these parameters (type, every name, shape and
@@ -222,7 +225,6 @@ class AdamW : public Optimizer<Scalar> {
       p -= Scalar(lr / bc1) * m_[i].array() / (v_[i].array().sqrt() / Scalar(bc2_sqrt) + Scalar(o_.eps));
     }
   }
-
 
  private:
   void added(const Parameter<Scalar>& p) override {

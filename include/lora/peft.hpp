@@ -250,9 +250,9 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
     if (parts.m) check(*parts.m, {out});
     if (parts.w) {  // PEFT would load it over the base weight; here the base stays: it must be the same
       const auto w = layer.weight();
-      check(*parts.w, {std::uint64_t(w.rows()), std::uint64_t(w.cols())});
-      if (detail::is_float_dtype(parts.w->dtype) && parts.w->shape == std::vector<std::uint64_t>{std::uint64_t(w.rows()), std::uint64_t(w.cols())} &&
-          st.matrix<Scalar>(parts.w->name) != w)
+      const std::vector<std::uint64_t> shape{std::uint64_t(w.rows()), std::uint64_t(w.cols())};
+      check(*parts.w, shape);
+      if (detail::is_float_dtype(parts.w->dtype) && parts.w->shape == shape && st.matrix<Scalar>(parts.w->name) != w)
         problems.push_back(parts.w->name + " differs from the model's weight of " + module +
                            " (PEFT would load it over the base; load the model from a checkpoint with that weight)");
     }

@@ -124,9 +124,9 @@ inline std::vector<std::string> gguf_modules(const LmConfig& c) {
   return all;
 }
 
-// {in, out} of a module of the model config describes; {0, 0} when the config has no sizes.
-// Fails for a layer the model does not have.
-inline std::pair<Index, Index> gguf_module_shape(const LmConfig& c, const std::string& module) {
+// {in, out} of a module of the model config describes; {0, 0} when the config has no sizes or
+// the model has no such layer (noted in problems).
+inline std::pair<Index, Index> gguf_module_shape(const LmConfig& c, const std::string& module, std::vector<std::string>& problems) {
   if (c.hidden_size == 0) return {0, 0};
   const std::string& arch = c.model_type;
   const Index d = c.hidden_size, ff = c.intermediate_size, q = Index(c.num_attention_heads) * c.head_dim,
@@ -134,8 +134,10 @@ inline std::pair<Index, Index> gguf_module_shape(const LmConfig& c, const std::s
   const std::string tensor = gguf_tensor_of(arch, module);
   if (tensor == "output.weight") return {d, c.vocab_size};
   const auto [layer, part] = split_layer(tensor, "blk.");
-  if (std::stoll(layer) >= c.num_hidden_layers)
-    fail(module, ": the model has ", c.num_hidden_layers, " layers (num_hidden_layers)");
+  if (std::stoll(layer) >= c.num_hidden_layers) {
+    problems.push_back(cat(module, ": the model has ", c.num_hidden_layers, " layers (num_hidden_layers)"));
+    return {0, 0};
+  }
   if (arch == "gpt2") {
     if (part == "attn_qkv.weight") return {d, 3 * d};
     if (part == "attn_output.weight") return {d, d};
@@ -187,16 +189,6 @@ Mat<Scalar> gguf_rows(const LmConfig& c, const std::string& tensor, Mat<Scalar> 
   return heads > 0 ? rope_rows(B, heads, back) : B;
 }
 
-// {in, out} of module as config gives it, or the problem; {0, 0} when config has no sizes.
-inline std::pair<Index, Index> gguf_shape_or_problem(const LmConfig& c, const std::string& module, std::vector<std::string>& problems) {
-  try {
-    return gguf_module_shape(c, module);
-  } catch (const Error& e) {
-    problems.push_back(e.what());
-    return {0, 0};
-  }
-}
-
 inline void check_gguf_adapter_target(const LmConfig& config, GgmlType dtype, const char* who) {
   if (!gguf_naming(config.model_type)) fail(who, ": model_type '", config.model_type, "': only llama and gpt2 adapters are written");
   if (dtype != GgmlType::f32 && dtype != GgmlType::f16 && dtype != GgmlType::bf16) fail(who, ": dtype must be F32, F16 or BF16");
@@ -216,7 +208,7 @@ void write_gguf_adapter(const std::string& path, const LmConfig& config, const G
       problems.push_back(module + ": llama.cpp's " + arch + " has no tensor for it");
       continue;
     }
-    const auto [in, out] = gguf_shape_or_problem(config, module, problems);
+    const auto [in, out] = gguf_module_shape(config, module, problems);
     if (l.A.rows() == 0 || l.A.rows() != l.B.cols() || (in && (l.A.cols() != in || l.B.rows() != out)))
       problems.push_back(module + ": A " + std::to_string(l.A.rows()) + "x" + std::to_string(l.A.cols()) + " and B " +
                          std::to_string(l.B.rows()) + "x" + std::to_string(l.B.cols()) + " do not make a LoRA pair" +
@@ -280,7 +272,7 @@ GgufLoras<Scalar> read_gguf_adapter(const std::string& path, const LmConfig& con
     }
     for (const GgufTensorInfo* t : {a, b})
       if (t->type != 0 && t->type != 1 && t->type != 30) problems.push_back(t->name + " is not F32, F16 or BF16");
-    const auto [in, out] = gguf_shape_or_problem(config, module, problems);
+    const auto [in, out] = gguf_module_shape(config, module, problems);
     const std::string rows = gguf_rows_problem(config, b->name, Index(b->ne.size() == 2 ? b->ne[1] : 0));
     if (!rows.empty()) problems.push_back(rows);
     if (a->ne.size() != 2 || b->ne.size() != 2 || a->ne[1] != b->ne[0] || a->ne[1] == 0 ||
