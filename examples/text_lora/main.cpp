@@ -13,6 +13,11 @@
 // N optimizer steps in all (pre-training and the three methods), leaving a checkpoint; --resume
 // DIR continues the run whose --out was DIR from its latest checkpoint, with the same settings
 // and thread count, to the same results (resume.hpp).
+//
+// Under mpirun (a build with MPI, LORA_MPI) each process is a rank that trains on its share of
+// every batch (--threads per rank); the ranks' gradients are all-reduced each step, so the run
+// trains the same weights as one process, up to the order of the sums. Rank 0 prints and writes.
+//   mpirun -np 2 text_lora --threads 1
 #include <lora/loss.hpp>
 #include <lora/models/generate.hpp>
 #include <lora/models/llama.hpp>
@@ -20,6 +25,7 @@
 #include <lora/peft.hpp>
 #include <lora/training_checkpoint.hpp>
 
+#include "../common/ranks.hpp"
 #include "../common/report.hpp"
 #include "corpus.hpp"
 #include "resume.hpp"
@@ -138,13 +144,15 @@ std::string sample(const Model& model, const Settings& s, std::uint64_t seed) {
 // From phase_dir's latest checkpoint when there is one (model already holds its weights);
 // checkpoints go there (write_model writes the model's trainable state) as res asks.
 void train(Model& model, const Settings& s, const std::vector<std::int64_t>& stream, const Ids& held, double lr, long steps,
-           Run& run, const std::string& phase_dir, const std::function<void(const std::string&)>& write_model, Resumable& res) {
+           Run& run, const std::string& phase_dir, const std::function<void(const std::string&)>& write_model, Resumable& res,
+           demo::Ranks& ranks) {
   lora::AdamWOptions o;
   o.lr = lr;
   o.weight_decay = 0.01;
   lora::AdamW<float> opt(o);
   auto params = model.parameters();
   opt.add(params);
+  ranks.broadcast(params);
   std::mt19937_64 rng(s.seed + 17);
   double sum = 0, train_seconds = 0, seconds = 0;
   int n = 0;
@@ -172,8 +180,10 @@ void train(Model& model, const Settings& s, const std::vector<std::int64_t>& str
   const auto checkpoint = [&] {
     nlohmann::json p = {{"run", to_json(run)}, {"rng", rng_text(rng)}, {"sum", sum}, {"n", n}, {"train_seconds", train_seconds},
                         {"seconds", seconds + bar.seconds()}};
-    lora::save_training_checkpoint<float>(phase_dir, write_model, model.modules(), opt, p);
+    if (ranks.writer()) lora::save_training_checkpoint<float>(phase_dir, write_model, model.modules(), opt, p);
+    ranks.barrier();
   };
+  const double reduce_before = ranks.reduce_seconds();
   const long every = std::max(1L, steps / 20), eval_every = std::max(1L, steps / 5);
   for (long step = opt.steps(); step < steps; ++step) {
     if (res.max_steps && res.taken >= res.max_steps) {
@@ -182,16 +192,19 @@ void train(Model& model, const Settings& s, const std::vector<std::int64_t>& str
       throw Stopped{};
     }
     const auto t0 = Progress::Clock::now();
-    const Ids ids = random_windows(stream, s.batch, s.T, rng);
+    const Ids batch = random_windows(stream, s.batch, s.T, rng);
+    const auto [begin, rows] = ranks.shard(s.batch);
+    const Ids ids = batch.middleRows(begin, rows);
     model.zero_grad();
     const auto r = lora::causal_lm_loss<float>(model.forward_train(ids), labels_for(ids));
     model.backward(r.grad);
+    const double loss = ranks.all_reduce(params, r.loss, double(r.count));  // the whole batch's
     lora::clip_grad_norm(params, 1.0);
     opt.set_lr(lora::warmup_cosine_lr(lr, step, steps / 10, steps));
     opt.step();
     ++res.taken;
     train_seconds += std::chrono::duration<double>(Progress::Clock::now() - t0).count();
-    sum += r.loss / std::log(2.0);
+    sum += loss / std::log(2.0);
     ++n;
     if ((step + 1) % every == 0) {
       run.train.x.push_back(double(step + 1));
@@ -205,11 +218,17 @@ void train(Model& model, const Settings& s, const std::vector<std::int64_t>& str
         run.held.y.push_back(bits_per_byte(model, held, s.batch));
       }
     }
-    bar.update(step + 1, r.loss / std::log(2.0));
+    bar.update(step + 1, loss / std::log(2.0));
     if (res.every && (step + 1) % res.every == 0 && step + 1 < steps) checkpoint();
   }
   run.seconds = seconds + bar.finish();
   run.tokens_per_s = double(steps) * double(s.batch * s.T) / train_seconds;
+  if (ranks.size() > 1) {
+    ranks.check_agreement(params, "after " + run.name);
+    std::printf("  %d ranks: all-reduce %.2f s of %.2f s training (%.1f %%), %zu bytes per step\n", ranks.size(),
+                ranks.reduce_seconds() - reduce_before, train_seconds, 100 * (ranks.reduce_seconds() - reduce_before) / train_seconds,
+                ranks.reduce_bytes());
+  }
   run.after = run.held.y.back();
 }
 
@@ -287,7 +306,7 @@ Settings parse(int argc, char** argv) {
 // from a new model now (every weight trains; from a checkpoint of this run when there is one)
 // and saved there.
 void pretrain(const Settings& s, const Corpus& english, const Ids& held, const std::string& dir, const std::string& checkpoints,
-              Resumable& res) {
+              Resumable& res, demo::Ranks& ranks) {
   const std::string stamp = lora::detail::cat("{\"seed\": ", s.seed, ", \"steps\": ", s.pretrain_steps, ", \"batch\": ", s.batch,
                                               ", \"english_bytes\": ", english.train.size(), "}\n");
   const std::string config = config_json(s), phase = checkpoints + "/pretrain";
@@ -304,39 +323,45 @@ void pretrain(const Settings& s, const Corpus& english, const Ids& held, const s
   run.name = "pre-training (English)";
   run.before = resumed.empty() ? bits_per_byte(model, held, s.batch) : 0;  // a resume restores the curves
   train(model, s, english.train, held, 3e-3, s.pretrain_steps, run, phase, [&](const std::string& d) { model.save_pretrained(d); },
-        res);
+        res, ranks);
   run.before = run.held.y.front();
   std::printf("pre-trained %ld steps in %.0f s (%.0f tokens/s): English held-out %.3f -> %.3f bits per byte\n", s.pretrain_steps,
               run.seconds, run.tokens_per_s, run.before, run.after);
-  fs::remove_all(dir);
-  model.save_pretrained(dir);
-  lora::detail::write_file_atomic(dir + "/demo.json", lora::detail::FileBytes(stamp.begin(), stamp.end()));
-  write_json(phase + "/done.json", to_json(run));
-  for (const auto& [step, ck] : lora::training_checkpoints(phase)) fs::remove_all(ck);
+  if (ranks.writer()) {
+    fs::remove_all(dir);
+    model.save_pretrained(dir);
+    lora::detail::write_file_atomic(dir + "/demo.json", lora::detail::FileBytes(stamp.begin(), stamp.end()));
+    write_json(phase + "/done.json", to_json(run));
+    for (const auto& [step, ck] : lora::training_checkpoints(phase)) fs::remove_all(ck);
+  }
+  ranks.barrier();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) try {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines appear as they are printed, in logs too
+  demo::Ranks ranks(argc, argv);
   const Settings s = parse(argc, argv);
   lora::set_num_threads(s.threads);
   fs::create_directories(s.out);
   const Corpus english = make_corpus(s.data, s.seed, s.english_bytes);
   const Corpus target = make_corpus(fs::path(s.data) / s.target, s.seed, s.target_bytes);
-  std::printf("text_lora: English %zu fortunes (%zu + %zu bytes), %s %zu fortunes (%zu + %zu bytes); %d threads\n", english.texts,
-              english.train.size(), english.held_out.size(), s.target.c_str(), target.texts, target.train.size(),
-              target.held_out.size(), s.threads);
+  std::printf("text_lora: English %zu fortunes (%zu + %zu bytes), %s %zu fortunes (%zu + %zu bytes); %d threads%s\n",
+              english.texts, english.train.size(), english.held_out.size(), s.target.c_str(), target.texts, target.train.size(),
+              target.held_out.size(), s.threads, ranks.size() > 1 ? lora::detail::cat(" on each of ", ranks.size(), " ranks").c_str() : "");
+  ranks.shard(s.batch);  // a batch the ranks cannot share fails here, before anything is written
   const Ids english_held = tiled_windows(english.held_out, s.T, s.eval_windows);
   const Ids target_held = tiled_windows(target.held_out, s.T, s.eval_windows);
   const std::string pretrained = s.out + "/pretrained", checkpoints = s.out + "/checkpoints";
   Resumable res;
   res.every = s.checkpoint_every;
   res.max_steps = s.max_steps;
-  if (s.resume.empty()) {  // a new run: earlier runs' checkpoints go
+  if (s.resume.empty() && ranks.writer()) {  // a new run: earlier runs' checkpoints go
     fs::remove_all(checkpoints);
     write_json(s.out + "/run.json", settings_json(s));
   }
+  ranks.barrier();
   std::vector<Run> runs;
   bool ok = true;
   struct Method {
@@ -351,13 +376,13 @@ int main(int argc, char** argv) try {
   };
   std::ofstream samples;
   try {
-    pretrain(s, english, english_held, pretrained, checkpoints, res);
+    pretrain(s, english, english_held, pretrained, checkpoints, res, ranks);
 
     const Model base(pretrained);
     const double base_english = bits_per_byte(base, english_held, s.batch), base_target = bits_per_byte(base, target_held, s.batch);
     std::printf("pre-trained model (%lld parameters): held-out bits per byte English %.3f, %s %.3f\n",
                 static_cast<long long>(base.base_parameters()), base_english, s.target.c_str(), base_target);
-    samples.open(s.out + "/samples.txt");
+    if (ranks.writer()) samples.open(s.out + "/samples.txt");
     const std::string before = sample(base, s, s.seed);
     samples << "== pre-trained\n" << before << "\n";
     std::printf("sample before: %s\n", before.c_str());
@@ -388,14 +413,14 @@ int main(int argc, char** argv) try {
         run.trainable = long(model.trainable_parameters());
         run.before = base_target;
         const auto write_model = [&](const std::string& d) { full ? model.save_pretrained(d) : model.save_adapter(d, peft); };
-        train(model, s, target.train, target_held, m.lr, s.steps, run, phase, write_model, res);
+        train(model, s, target.train, target_held, m.lr, s.steps, run, phase, write_model, res, ranks);
         run.english = bits_per_byte(model, english_held, s.batch);
         run.peak = peak_mib();
         run.text = sample(model, s, s.seed);
         if (full) {
-          model.save_pretrained(s.out + "/" + m.key);
+          if (ranks.writer()) model.save_pretrained(s.out + "/" + m.key);
         } else {
-          lora::save_adapter(s.out + "/adapter_" + m.key, model.modules(), peft);
+          if (ranks.writer()) lora::save_adapter(s.out + "/adapter_" + m.key, model.modules(), peft);
           const lora::Mat<float> unmerged = model.forward(target_held.topRows(1));
           model.modules().merge();
           const double diff = (model.forward(target_held.topRows(1)) - unmerged).cwiseAbs().maxCoeff();
@@ -404,8 +429,11 @@ int main(int argc, char** argv) try {
             run.merge_ok = false;
           }
         }
-        write_json(phase + "/done.json", to_json(run));
-        for (const auto& [step, ck] : lora::training_checkpoints(phase)) fs::remove_all(ck);
+        if (ranks.writer()) {
+          write_json(phase + "/done.json", to_json(run));
+          for (const auto& [step, ck] : lora::training_checkpoints(phase)) fs::remove_all(ck);
+        }
+        ranks.barrier();
       }
       samples << "== " << m.name << "\n" << run.text << "\n";
       std::printf("%-24s %9ld trainable  %s %.3f -> %.3f bits/byte, English %.3f  %7.0f tokens/s  peak %.0f MiB  %.0f s\n",
@@ -419,6 +447,7 @@ int main(int argc, char** argv) try {
     std::printf("text_lora: stopped after %ld optimizer steps (--max-steps); continue with --resume %s\n", res.taken, s.out.c_str());
     return 0;
   }
+  if (!ranks.writer()) return 0;  // the rest reads rank 0's adapters and writes its files
 
   std::ofstream csv(s.out + "/results.csv");
   csv << "method,step,heldout_bits_per_byte,trainable_parameters,tokens_per_s,peak_mib,english_bits_per_byte\n";

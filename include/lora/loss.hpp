@@ -22,6 +22,7 @@ template <class Scalar>
 struct LossResult {
   Scalar loss;
   Mat<Scalar> grad;  // d loss / d input, the input's shape
+  Index count = 0;   // what the mean is over: rows, counted positions, or elements
 };
 
 // Softmax cross-entropy (torch.nn.functional.cross_entropy with label_smoothing).
@@ -37,7 +38,7 @@ LossResult<Scalar> cross_entropy(const MatRef<Scalar>& logits, const std::vector
   for (Index i = 0; i < n; ++i)
     if (labels[i] < 0 || labels[i] >= k)
       detail::fail("cross_entropy: label ", labels[i], " of row ", i, " is outside [0, ", k, ")");
-  LossResult<Scalar> r{0, Mat<Scalar>(n, k)};
+  LossResult<Scalar> r{0, Mat<Scalar>(n, k), n};
   const Scalar eps = static_cast<Scalar>(label_smoothing);
   double total = 0;
   for (Index i = 0; i < n; ++i) {
@@ -73,7 +74,7 @@ LossResult<Scalar> causal_lm_loss(const MatRef<Scalar>& logits, const Mat<std::i
       ++counted;
     }
   if (counted == 0) detail::fail("causal_lm_loss: every label after the first position is -100; nothing to predict");
-  LossResult<Scalar> r{0, Mat<Scalar>::Zero(logits.rows(), vocab)};
+  LossResult<Scalar> r{0, Mat<Scalar>::Zero(logits.rows(), vocab), counted};
   double total = 0;
   for (Index b = 0; b < batch; ++b)
     for (Index t = 0; t + 1 < T; ++t) {
@@ -98,7 +99,7 @@ LossResult<Scalar> mse(const MatRef<Scalar>& y, const MatRef<Scalar>& target) {
     detail::fail("mse: y is ", detail::shape(y.rows(), y.cols()), " but target is ",
                  detail::shape(target.rows(), target.cols()));
   if (y.size() == 0) detail::fail("mse: y is empty");
-  LossResult<Scalar> r{0, y - target};
+  LossResult<Scalar> r{0, y - target, y.size()};
   r.loss = r.grad.squaredNorm() / Scalar(y.size());
   r.grad *= Scalar(2) / Scalar(y.size());
   return r;
