@@ -17,10 +17,17 @@
 // truncated SVD (compress_delta), and the accuracy that keeps.
 //
 //   fashion_mnist [--quick] [--epochs N] [--threads N] [--seed S] [--out DIR] [--data DIR]
+//                 [--checkpoint-every N] [--max-steps N] [--resume DIR]
 //
 // --quick uses small subsets (for tests); --epochs sets the adaptation epochs (pre-training takes
-// as many). Results are deterministic for a given seed and thread count.
+// as many). Results are deterministic for a given seed and thread count. --checkpoint-every N
+// writes a checkpoint every N steps of each phase, --max-steps N stops after N optimizer steps in
+// all (leaving a checkpoint), --resume DIR continues the run whose --out was DIR (resume.hpp).
+// Under mpirun (a build with MPI) each process is a rank that trains on its share of every batch:
+//   mpirun -np 2 fashion_mnist --threads 1
 #include "idx.hpp"
+#include "resume.hpp"
+#include "../common/ranks.hpp"
 #include "../common/report.hpp"
 #include "vit.hpp"
 
@@ -37,6 +44,8 @@
 using Scalar = float;
 using Mat = lora::Mat<Scalar>;
 using Model = Vit<Scalar>;
+using namespace fashion;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -96,15 +105,6 @@ Score evaluate(const Model& m, const Data& d) {
   return s;
 }
 
-struct Epoch {
-  double train_loss, test_accuracy, seconds;
-};
-
-struct Training {
-  std::vector<Epoch> epochs;
-  std::vector<double> at, loss;  // the mean loss of every eighth of an epoch, at its end (in epochs)
-};
-
 struct Schedule {
   int epochs;
   lora::Index batch;
@@ -112,34 +112,93 @@ struct Schedule {
 };
 
 // AdamW (weight decay 0.01), warmup 5% + cosine, gradient norm clipped at 1, batches of a fresh
-// permutation every epoch. Test accuracy after every epoch.
+// permutation every epoch. Test accuracy after every epoch. Checkpoints go to phase_dir (every
+// stops.every steps, and when stops.max_steps is reached), and a checkpoint there is resumed.
+// Under mpirun each rank takes its share of every batch and the gradients are all-reduced.
 Training train(Model& m, const Data& data, const Data& test, const Schedule& s, const std::string& label,
-                         lora::detail::Rng& rng) {
+               lora::detail::Rng& rng, const std::string& phase_dir, Stops& stops, demo::Ranks& ranks) {
   lora::AdamWOptions o;
   o.lr = s.lr;
   o.weight_decay = 0.01;
   lora::AdamW<Scalar> opt(o);
   const auto params = m.parameters();
   opt.add(params);
+  ranks.broadcast(params);
   const long steps_per_epoch = long((data.size() + s.batch - 1) / s.batch), total = steps_per_epoch * s.epochs;
+  ranks.shard(s.batch);  // batches the ranks cannot share fail now, not at an epoch's end
+  if (data.size() % s.batch) ranks.shard(data.size() % s.batch);
   std::vector<lora::Index> order(std::size_t(data.size()));
   std::iota(order.begin(), order.end(), 0);
   Training t;
   const long segment = std::max(1L, steps_per_epoch / 8);
-  double segment_sum = 0;
+  double segment_sum = 0, sum = 0, seconds_before = 0;  // seconds_before: of the epoch, before a resume
+  int first_epoch = 0;
+  long first_batch = 0;
+  const lora::ModuleMap<Scalar> no_dropout;  // the ViT's layers draw no dropout masks
+  const std::string resumed = lora::latest_training_checkpoint(phase_dir);
+  if (!resumed.empty()) {  // everything read and checked before anything changes
+    const lora::SafeTensors st = lora::SafeTensors::open(resumed + "/model.safetensors");
+    std::vector<Mat> values;
+    for (const auto& p : params) {
+      values.push_back(st.matrix<Scalar>(p.name));
+      if (values.back().rows() != p.value.rows() || values.back().cols() != p.value.cols())
+        lora::detail::fail(resumed, ": ", p.name, " is ", lora::detail::shape(values.back().rows(), values.back().cols()),
+                           ", the model's ", lora::detail::shape(p.value.rows(), p.value.cols()));
+    }
+    const lora::Mat<std::int64_t> saved_order = st.integers("order");
+    if (saved_order.size() != data.size()) lora::detail::fail(resumed, ": the data order has ", saved_order.size(), " entries, not ", data.size());
+    const nlohmann::json p = lora::resume_training(resumed, no_dropout, opt);
+    try {
+      first_epoch = p.at("epoch");
+      first_batch = p.at("batch");
+      sum = p.at("sum");
+      segment_sum = p.at("segment_sum");
+      seconds_before = p.at("seconds");
+      t = training_from_json(p.at("training"));
+      rng_from_json(rng, p.at("rng"), resumed);
+    } catch (const nlohmann::json::exception& e) {
+      lora::detail::fail(resumed, ": progress: ", e.what());
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) lora::MatMap<Scalar>(params[i].value) = values[i];
+    std::copy(saved_order.data(), saved_order.data() + saved_order.size(), order.begin());
+    stops.taken += opt.steps();
+    std::printf("  %s: resumed at step %ld from %s\n", label.c_str(), opt.steps(), resumed.c_str());
+  }
+  // The state before batch b of epoch e (that epoch's order already drawn).
+  const auto checkpoint = [&](int e, long b, double seconds) {
+    const nlohmann::json p = {{"epoch", e}, {"batch", b}, {"sum", sum}, {"segment_sum", segment_sum}, {"seconds", seconds},
+                              {"training", to_json(t)}, {"rng", to_json(rng)}};
+    const auto write = [&](const std::string& dir) {
+      lora::SafeTensorsBuilder tensors;
+      for (const auto& q : params) tensors.add(q.name, q.value);
+      tensors.add("order", Eigen::Map<const lora::Mat<std::int64_t>>(order.data(), 1, lora::Index(order.size())));
+      tensors.save(dir + "/model.safetensors");
+    };
+    if (ranks.writer()) lora::save_training_checkpoint<Scalar>(phase_dir, write, no_dropout, opt, p);
+    ranks.barrier();
+  };
   Mat x;
   std::vector<std::int64_t> y;
-  long step = 0;
-  for (int e = 0; e < s.epochs; ++e) {
-    for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[std::size_t(rng.uniform() * double(i))]);
+  long step = opt.steps();
+  for (int e = first_epoch; e < s.epochs; ++e) {
+    const bool continuing = !resumed.empty() && e == first_epoch;
+    if (!continuing) {
+      for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[std::size_t(rng.uniform() * double(i))]);
+      sum = 0;
+      seconds_before = 0;
+    }
     Progress bar(label + " epoch " + std::to_string(e + 1) + "/" + std::to_string(s.epochs), steps_per_epoch);
-    double sum = 0;
-    for (long b = 0; b < steps_per_epoch; ++b, ++step) {
+    for (long b = continuing ? first_batch : 0; b < steps_per_epoch; ++b, ++step) {
+      if (stops.max_steps && stops.taken >= stops.max_steps) {
+        checkpoint(e, b, seconds_before + bar.finish());
+        throw Stopped{};
+      }
       const lora::Index begin = b * s.batch, n = std::min(s.batch, data.size() - begin);
-      x.resize(n, data.images.cols());
-      y.resize(std::size_t(n));
-      for (lora::Index i = 0; i < n; ++i) {
-        const lora::Index r = order[std::size_t(begin + i)];
+      const auto [first, rows] = ranks.shard(n);  // this rank's rows of the batch
+      x.resize(rows, data.images.cols());
+      y.resize(std::size_t(rows));
+      for (lora::Index i = 0; i < rows; ++i) {
+        const lora::Index r = order[std::size_t(begin + first + i)];
         x.row(i) = data.images.row(r);
         y[std::size_t(i)] = data.labels[std::size_t(r)];
       }
@@ -147,30 +206,34 @@ Training train(Model& m, const Data& data, const Data& test, const Schedule& s, 
       const auto loss = lora::cross_entropy<Scalar>(m.forward_train(x), y);
       m.zero_grad();
       m.backward(loss.grad);
+      const double batch_loss = ranks.all_reduce(params, loss.loss, double(loss.count));  // the whole batch's
       lora::clip_grad_norm(params, 1.0);
       opt.step();
-      sum += double(loss.loss);
-      segment_sum += double(loss.loss);
+      ++stops.taken;
+      sum += batch_loss;
+      segment_sum += batch_loss;
       if ((b + 1) % segment == 0) {
         t.at.push_back(e + double(b + 1) / double(steps_per_epoch));
         t.loss.push_back(segment_sum / double(segment));
         segment_sum = 0;
       }
       bar.update(b + 1, sum / double(b + 1));
+      if (stops.every && (step + 1) % stops.every == 0) checkpoint(e, b + 1, seconds_before + bar.seconds());
     }
     segment_sum = 0;  // a segment does not straddle epochs
-    const double seconds = bar.finish();
+    const double seconds = seconds_before + bar.finish();
     const Score score = evaluate(m, test);
     t.epochs.push_back({sum / double(steps_per_epoch), score.accuracy, seconds});
     std::printf("  %-28s epoch %d/%d  loss %.4f  test accuracy %.4f  %.1fs\n", label.c_str(), e + 1, s.epochs,
                 t.epochs.back().train_loss, score.accuracy, seconds);
     std::fflush(stdout);
   }
+  ranks.check_agreement(params, "after " + label);
   return t;
 }
 
 struct Method {
-  std::string name;
+  std::string name, key;
   std::vector<std::string> targets;  // LoRA target modules
   int adapter_rank;                  // residual adapter
   bool full;                         // every weight trains
@@ -205,40 +268,97 @@ long number(const char* s) {
 int usage() {
   std::fprintf(stderr,
                "usage: fashion_mnist [--quick] [--epochs N] [--threads N] [--seed S] [--out DIR] [--data DIR]\n"
+               "                     [--checkpoint-every N] [--max-steps N] [--resume DIR]\n"
                "  --quick      small subsets, for tests (seconds)\n"
                "  --epochs N   adaptation epochs (default 4, 2 with --quick; pre-training takes as many)\n"
                "  --threads N  threads for Eigen (default: all cores)\n"
                "  --seed S     seed of every initialisation and shuffle (default 1)\n"
                "  --out DIR    where results.csv and curves.svg go (default fashion_mnist_out)\n"
-               "  --data DIR   Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)\n");
+               "  --data DIR   Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)\n"
+               "  --checkpoint-every N  a checkpoint every N steps of each phase, in OUT/checkpoints\n"
+               "  --max-steps N         stop after N optimizer steps in all, leaving a checkpoint\n"
+               "  --resume DIR          continue the run whose --out was DIR, with its settings\n");
   return 2;
+}
+
+// What decides the results (a resumed run takes them from OUT/run.json).
+struct Settings {
+  bool quick = false;
+  int epochs = 0, threads = 0;
+  std::uint64_t seed = 1;
+  std::string data_dir = "/usr/share/datasets/fashion-mnist";
+  nlohmann::json to_json() const {
+    return {{"quick", quick}, {"epochs", epochs}, {"threads", threads}, {"seed", seed}, {"data", data_dir}};
+  }
+  void from_json(const nlohmann::json& j) {
+    quick = j.at("quick"), epochs = j.at("epochs"), threads = j.at("threads"), seed = j.at("seed"), data_dir = j.at("data");
+  }
+};
+
+void write_json(const std::string& path, const nlohmann::json& j) {
+  fs::create_directories(fs::path(path).parent_path());
+  const std::string text = j.dump(2) + "\n";
+  lora::detail::write_file_atomic(path, lora::detail::FileBytes(text.begin(), text.end()));
+}
+
+nlohmann::json read_json(const std::string& path) {
+  const std::string text = lora::detail::read_text(path);
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded()) lora::detail::fail(path, ": not JSON");
+  return j;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) try {
-  bool quick = false;
-  int epochs = 0, threads = 0;
-  std::uint64_t seed = 1;
-  std::string out = "fashion_mnist_out", data_dir = "/usr/share/datasets/fashion-mnist";
+  demo::Ranks ranks(argc, argv);
+  Settings set;
+  std::string out = "fashion_mnist_out", resume, fixed;
+  Stops stops;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const bool has_value = i + 1 < argc;
-    if (a == "--quick") quick = true;
-    else if (a == "--epochs" && has_value && number(argv[i + 1]) >= 1) epochs = int(number(argv[++i]));
-    else if (a == "--threads" && has_value) threads = int(number(argv[++i]));
-    else if (a == "--seed" && has_value && number(argv[i + 1]) >= 0) seed = std::uint64_t(number(argv[++i]));
+    if (a != "--checkpoint-every" && a != "--max-steps" && a != "--resume") fixed = a;
+    if (a == "--quick") set.quick = true;
+    else if (a == "--epochs" && has_value && number(argv[i + 1]) >= 1) set.epochs = int(number(argv[++i]));
+    else if (a == "--threads" && has_value) set.threads = int(number(argv[++i]));
+    else if (a == "--seed" && has_value && number(argv[i + 1]) >= 0) set.seed = std::uint64_t(number(argv[++i]));
     else if (a == "--out" && has_value) out = argv[++i];
-    else if (a == "--data" && has_value) data_dir = argv[++i];
+    else if (a == "--data" && has_value) set.data_dir = argv[++i];
+    else if (a == "--checkpoint-every" && has_value && number(argv[i + 1]) >= 0) stops.every = number(argv[++i]);
+    else if (a == "--max-steps" && has_value && number(argv[i + 1]) >= 0) stops.max_steps = number(argv[++i]);
+    else if (a == "--resume" && has_value) resume = argv[++i];
     else return usage();
   }
-  if (threads < 0) return usage();  // not a number
-  if (epochs == 0) epochs = quick ? 2 : 4;
-  lora::set_num_threads(threads);
+  if (set.threads < 0) return usage();  // not a number
+  if (!resume.empty()) {
+    if (!fixed.empty())
+      lora::detail::fail(fixed, " with --resume: the run continues with its own settings (", resume,
+                         "/run.json); only --max-steps and --checkpoint-every may be given");
+    out = resume;
+    try {
+      set.from_json(read_json(resume + "/run.json"));
+    } catch (const nlohmann::json::exception& e) {
+      lora::detail::fail(resume, "/run.json: not a fashion_mnist run's settings: ", e.what());
+    }
+  }
+  if (set.epochs == 0) set.epochs = set.quick ? 2 : 4;
+  lora::set_num_threads(set.threads);
+  set.threads = lora::num_threads();
+  const bool quick = set.quick;
+  const int epochs = set.epochs;
+  const std::uint64_t seed = set.seed;
+  const std::string& data_dir = set.data_dir;
 
-  if (!std::filesystem::exists(data_dir + "/train-images-idx3-ubyte.gz"))
+  if (!fs::exists(data_dir + "/train-images-idx3-ubyte.gz"))
     lora::detail::fail("no Fashion-MNIST in ", data_dir, " (install it with: apt-get install dataset-fashion-mnist, or pass --data DIR)");
-  std::filesystem::create_directories(out);  // fail before training, not after it
+  fs::create_directories(out);  // fail before training, not after it
+  const std::string checkpoints = out + "/checkpoints";
+  if (resume.empty() && ranks.writer()) {  // a new run: earlier runs' checkpoints go
+    fs::remove_all(checkpoints);
+    write_json(out + "/run.json", set.to_json());
+  }
+  ranks.barrier();
   const Data train_set = load(data_dir, "train"), test_set = load(data_dir, "t10k");
   const lora::Index pool = 50000, limit = quick ? 2000 : pool, adapt_n = quick ? 1500 : 10000, test_n = quick ? 1000 : 10000;
   const Data pretrain = subset(train_set, 0, pool, 5, limit);
@@ -246,7 +366,9 @@ int main(int argc, char** argv) try {
   const Data test = subset(test_set, 0, test_n, 10, test_n), test_base = subset(test_set, 0, test_n, 5, test_n);
   std::printf("Fashion-MNIST: pre-train on %ld images of classes 0-4, adapt on %ld images of all 10 classes, test on %ld\n",
               long(pretrain.size()), long(adapt.size()), long(test.size()));
-  std::printf("threads %d, seed %llu%s\n\n", lora::num_threads(), (unsigned long long)seed, quick ? ", --quick" : "");
+  std::printf("threads %d%s, seed %llu%s\n\n", lora::num_threads(),
+              ranks.size() > 1 ? lora::detail::cat(" on each of ", ranks.size(), " ranks").c_str() : "", (unsigned long long)seed,
+              quick ? ", --quick" : "");
 
   const lora::Index d = 128;
   const int blocks = 2;
@@ -259,11 +381,50 @@ int main(int argc, char** argv) try {
   base_config.lora.exact_unmerge = true;
   lora::detail::Rng rng(seed + 12345);
 
+  const auto stopped = [&] {
+    std::printf("fashion_mnist: stopped after %ld optimizer steps (--max-steps); continue with --resume %s\n", stops.taken, out.c_str());
+    return 0;
+  };
+
   // ---- 1. pre-training -------------------------------------------------------------------
+  // A finished phase leaves done.json (its results and the shuffle stream after it); a resume
+  // reads it instead of training again.
   Model base(d, blocks, 5, base_config);
-  base.set_base_trainable(true);
   std::printf("1. pre-training on classes 0-4 (%ld parameters)\n", long(base.parameter_count()));
-  const auto pre = train(base, pretrain, test_base, {epochs, 128, 2e-3}, "pre-training", rng);
+  Training pre;
+  const std::string pre_dir = checkpoints + "/pretrain";
+  try {
+    if (fs::exists(pre_dir + "/done.json")) {
+      const nlohmann::json j = read_json(pre_dir + "/done.json");
+      pre = training_from_json(j.at("training"));
+      rng_from_json(rng, j.at("rng"), pre_dir + "/done.json");
+      const lora::SafeTensors st = lora::SafeTensors::open(pre_dir + "/base.safetensors");
+      std::map<std::string, Mat> state;
+      for (const lora::TensorInfo& t : st.tensors()) state.emplace(t.name, st.matrix<Scalar>(t.name));
+      base.load_state(state);  // everything below the head, then the head
+      base.head() = lora::Linear<Scalar>(state.at("head.weight"), lora::Vec<Scalar>(state.at("head.bias").transpose()));
+      stops.taken += j.at("steps").get<long>();
+      std::printf("  pre-trained before the resume: test accuracy %.4f\n", pre.epochs.back().test_accuracy);
+    } else {
+      base.set_base_trainable(true);
+      pre = train(base, pretrain, test_base, {epochs, 128, 2e-3}, "pre-training", rng, pre_dir, stops, ranks);
+      if (ranks.writer()) {
+        lora::SafeTensorsBuilder st;
+        for (const auto& [name, w] : base.state()) st.add(name, w);
+        st.add("head.weight", base.head().weight()).add("head.bias", base.head().bias().transpose());
+        fs::create_directories(pre_dir);
+        st.save(pre_dir + "/base.safetensors");
+        const long steps = epochs * long((pretrain.size() + 127) / 128);
+        write_json(pre_dir + "/done.json", {{"training", to_json(pre)}, {"rng", to_json(rng)}, {"steps", steps}});
+        for (const auto& [step, ck] : lora::training_checkpoints(pre_dir)) fs::remove_all(ck);
+      }
+      ranks.barrier();
+    }
+  } catch (const nlohmann::json::exception& e) {
+    lora::detail::fail(pre_dir, "/done.json: ", e.what());
+  } catch (const Stopped&) {
+    return stopped();
+  }
   const auto base_state = base.state();
 
   // The ten-class head: the pre-trained rows for classes 0-4, zeros for the new ones.
@@ -281,68 +442,98 @@ int main(int argc, char** argv) try {
 
   // ---- 2. adaptation, five ways ----------------------------------------------------------
   const std::vector<Method> methods = {
-      {"head only", {}, 0, false, 3e-3},
-      {"LoRA q,v (r=8)", {"q_proj", "v_proj"}, 0, false, 3e-3},
-      {"LoRA q,k,v,o,MLP (r=8)", {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 0, false, 3e-3},
-      {"residual adapter (r=8)", {}, 8, false, 3e-3},
-      {"full fine-tuning", {}, 0, true, 1e-3},
+      {"head only", "head", {}, 0, false, 3e-3},
+      {"LoRA q,v (r=8)", "lora_qv", {"q_proj", "v_proj"}, 0, false, 3e-3},
+      {"LoRA q,k,v,o,MLP (r=8)", "lora_all", {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 0, false, 3e-3},
+      {"residual adapter (r=8)", "adapter", {}, 8, false, 3e-3},
+      {"full fine-tuning", "full", {}, 0, true, 1e-3},
   };
   std::vector<Result> results;
   double compressed_accuracy = 0;
   bool ok = true;
-  for (const Method& method : methods) {
-    lora::EncoderConfig c = base_config;
-    c.target_modules = method.targets;
-    c.adapter_rank = method.adapter_rank;
-    Model m(d, blocks, 10, c);
-    m.load_state(base_state);
-    m.head() = head10;
-    m.set_base_trainable(method.full);
-    lora::Index trainable = 0;
-    for (const auto& p : m.parameters()) trainable += p.value.size();
-    Result r{method.name, trainable, m.parameter_count(), 0, 0, {}};
-    r.training = train(m, adapt, test, {epochs, 64, method.lr}, method.name, rng);
-    const auto& es = r.training.epochs;
-    r.accuracy = es.back().test_accuracy;
-    for (const Epoch& e : es) r.seconds_per_epoch += e.seconds / double(es.size());
-    if (!method.full && !same_state(m.state(), base_state)) {
-      std::printf("  FAILED: %s changed the frozen base weights\n", method.name.c_str());
-      ok = false;
+  try {
+    for (const Method& method : methods) {
+      const std::string phase = checkpoints + "/" + method.key;
+      if (fs::exists(phase + "/done.json")) {
+        const nlohmann::json j = read_json(phase + "/done.json");
+        results.push_back({method.name, j.at("trainable"), j.at("total"), j.at("accuracy"), j.at("seconds_per_epoch"),
+                           training_from_json(j.at("training"))});
+        rng_from_json(rng, j.at("rng"), phase + "/done.json");
+        ok &= j.at("ok").get<bool>();
+        if (method.full) compressed_accuracy = j.at("compressed_accuracy");
+        stops.taken += j.at("steps").get<long>();
+        std::printf("  %-28s trained before the resume: test accuracy %.4f\n", method.name.c_str(), results.back().accuracy);
+        continue;
+      }
+      bool method_ok = true;
+      lora::EncoderConfig c = base_config;
+      c.target_modules = method.targets;
+      c.adapter_rank = method.adapter_rank;
+      Model m(d, blocks, 10, c);
+      m.load_state(base_state);
+      m.head() = head10;
+      m.set_base_trainable(method.full);
+      lora::Index trainable = 0;
+      for (const auto& p : m.parameters()) trainable += p.value.size();
+      Result r{method.name, trainable, m.parameter_count(), 0, 0, {}};
+      r.training = train(m, adapt, test, {epochs, 64, method.lr}, method.name, rng, phase, stops, ranks);
+      const auto& es = r.training.epochs;
+      r.accuracy = es.back().test_accuracy;
+      for (const Epoch& e : es) r.seconds_per_epoch += e.seconds / double(es.size());
+      if (!method.full && !same_state(m.state(), base_state)) {
+        std::printf("  FAILED: %s changed the frozen base weights\n", method.name.c_str());
+        method_ok = false;
+      }
+      if (!method.targets.empty()) {  // ---- 4. merge, compare, unmerge
+        const auto unmerged = evaluate(m, test).predicted;
+        m.merge();
+        const auto merged = evaluate(m, test).predicted;
+        m.unmerge();
+        long same = 0;
+        for (std::size_t i = 0; i < merged.size(); ++i) same += merged[i] == unmerged[i];
+        const bool restored = same_state(m.state(), base_state);
+        std::printf("  merged: %ld of %zu test predictions unchanged; unmerged: base weights %s\n", same, merged.size(),
+                    restored ? "restored bit for bit" : "NOT restored");
+        method_ok &= same == long(merged.size()) && restored;
+      }
+      if (method.full) {  // ---- the full fine-tune's weight updates, compressed to rank 8 (svd.hpp)
+        auto state = m.state();
+        double rel = 0;
+        int count = 0;
+        for (auto& [name, w] : state)
+          if (name.rfind("blocks.", 0) == 0 && name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0 && w.rows() > 1) {
+            const Mat& b = base_state.at(name);
+            const auto low = lora::compress_delta<Scalar>(w, b, {8, 0});
+            rel += low.error / low.singular_values.norm();
+            ++count;
+            w = b + low.B * low.A;
+          }
+        Model compressed(d, blocks, 10, base_config);
+        compressed.load_state(state);
+        compressed.head() = m.head();
+        compressed_accuracy = evaluate(compressed, test).accuracy;
+        std::printf("  the %d fine-tuned linear weights' updates at rank 8 (truncated SVD, mean relative error %.3f): "
+                    "test accuracy %.4f\n", count, rel / count, compressed_accuracy);
+      }
+      method_ok &= r.accuracy > before.accuracy;
+      ok &= method_ok;
+      results.push_back(r);
+      if (ranks.writer()) {
+        const long steps = epochs * long((adapt.size() + 63) / 64);
+        write_json(phase + "/done.json", {{"trainable", r.trainable}, {"total", r.total}, {"accuracy", r.accuracy},
+                                          {"seconds_per_epoch", r.seconds_per_epoch}, {"training", to_json(r.training)},
+                                          {"rng", to_json(rng)}, {"ok", method_ok}, {"compressed_accuracy", compressed_accuracy},
+                                          {"steps", steps}});
+        for (const auto& [step, ck] : lora::training_checkpoints(phase)) fs::remove_all(ck);
+      }
+      ranks.barrier();
     }
-    if (!method.targets.empty()) {  // ---- 4. merge, compare, unmerge
-      const auto unmerged = evaluate(m, test).predicted;
-      m.merge();
-      const auto merged = evaluate(m, test).predicted;
-      m.unmerge();
-      long same = 0;
-      for (std::size_t i = 0; i < merged.size(); ++i) same += merged[i] == unmerged[i];
-      const bool restored = same_state(m.state(), base_state);
-      std::printf("  merged: %ld of %zu test predictions unchanged; unmerged: base weights %s\n", same, merged.size(),
-                  restored ? "restored bit for bit" : "NOT restored");
-      ok &= same == long(merged.size()) && restored;
-    }
-    if (method.full) {  // ---- the full fine-tune's weight updates, compressed to rank 8 (svd.hpp)
-      auto state = m.state();
-      double rel = 0;
-      int count = 0;
-      for (auto& [name, w] : state)
-        if (name.rfind("blocks.", 0) == 0 && name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0 && w.rows() > 1) {
-          const Mat& b = base_state.at(name);
-          const auto low = lora::compress_delta<Scalar>(w, b, {8, 0});
-          rel += low.error / low.singular_values.norm();
-          ++count;
-          w = b + low.B * low.A;
-        }
-      Model compressed(d, blocks, 10, base_config);
-      compressed.load_state(state);
-      compressed.head() = m.head();
-      compressed_accuracy = evaluate(compressed, test).accuracy;
-      std::printf("  the %d fine-tuned linear weights' updates at rank 8 (truncated SVD, mean relative error %.3f): "
-                  "test accuracy %.4f\n", count, rel / count, compressed_accuracy);
-    }
-    ok &= r.accuracy > before.accuracy;
-    results.push_back(r);
+  } catch (const Stopped&) {
+    return stopped();
+  } catch (const nlohmann::json::exception& e) {
+    lora::detail::fail(checkpoints, ": a phase's done.json: ", e.what());
   }
+  if (!ranks.writer()) return 0;  // rank 0 prints and writes the results
 
   // ---- 3. the table ----------------------------------------------------------------------
   const double full_acc = results.back().accuracy;

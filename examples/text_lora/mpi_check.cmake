@@ -1,32 +1,15 @@
-# cmake -DEXE=text_lora "-DMPIRUN=mpiexec;-n;2" -DOUT=dir -P mpi_check.cmake
+# cmake -DEXE=text_lora -DMPIRUN=mpiexec|-n|2 -DOUT=dir -P mpi_check.cmake
 #
 # text_lora --quick --threads 1 as one process (OUT/one), as 2 ranks under mpirun (OUT/two), and as
 # 2 ranks stopped inside the second method (--max-steps 75) then resumed by one process
 # (OUT/moved): every held-out bits per byte in results.csv within 2e-4 of the one process's (the
 # ranks sum the gradients in another order, so floats differ in their last bits, not more).
-foreach(v EXE MPIRUN OUT)
-  if(NOT DEFINED ${v})
-    message(FATAL_ERROR "mpi_check: -D${v}=... is required")
-  endif()
-endforeach()
+include(${CMAKE_CURRENT_LIST_DIR}/../common/demo_checks.cmake)
+require(EXE MPIRUN OUT)
 file(REMOVE_RECURSE ${OUT})
-set(settings --quick --threads 1)
-foreach(run "one;${EXE};${settings};--out;${OUT}/one" "two;${MPIRUN};${EXE};${settings};--out;${OUT}/two"
-        "moved;${MPIRUN};${EXE};${settings};--out;${OUT}/moved;--max-steps;75" "moved;${EXE};--resume;${OUT}/moved")
-  list(POP_FRONT run name)
-  execute_process(COMMAND ${run} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-  string(REGEX MATCH "text_lora: (stopped|ok|FAILED)[^\n]*" last "${out}")
-  message("${run}: ${last}")
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "${run} failed (${rc}):\n${out}\n${err}")
-  endif()
-  if(run MATCHES "-n;2" AND NOT out MATCHES "2 ranks: all-reduce")
-    message(FATAL_ERROR "${run} did not train on 2 ranks:\n${out}")
-  endif()
-endforeach()
-if(NOT out MATCHES "text_lora: ok")
-  message(FATAL_ERROR "the resumed run did not finish:\n${out}")
-endif()
+set(settings "--quick|--threads|1")
+run_in_order(text_lora "${EXE}|${settings}|--out|${OUT}/one" "${MPIRUN}|${EXE}|${settings}|--out|${OUT}/two"
+             "${MPIRUN}|${EXE}|${settings}|--out|${OUT}/moved|--max-steps|75" "${EXE}|--resume|${OUT}/moved")
 
 # results.csv: method,step,heldout_bits_per_byte,... -> "method,step" and the bits per byte in
 # millionths (an integer: CMake's arithmetic has no floats)
