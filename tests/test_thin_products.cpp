@@ -58,9 +58,10 @@ void check_all(double tol) {
     for (Index n : {0, 1, 7, 8, 9, 17, 40})
       for (Index K : {1, 5, 131}) {
         SCOPED_TRACE(testing::Message() << "r " << r << " n " << n << " K " << K);
-        // L is a column block of a wider matrix: rows at a stride of K + 3.
+        // L is a column block of a wider matrix: rows at a stride of K + 3 (with no rows, the
+        // first columns: an empty matrix has no data to offset into).
         const lora::Mat<S> wide = filled<S>(n, K + 3, 1);
-        const lora::MatRef<S> L = wide.middleCols(2, K);
+        const lora::MatRef<S> L = wide.middleCols(n > 0 ? 2 : 0, K);
         const lora::Mat<S> R = filled<S>(K, r, 2), A = filled<S>(r, K, 3);
         const Exact want = exact_product(alpha, L, R), want_t = exact_product(alpha, L, A.transpose());
         lora::Mat<S> C(3, 3);  // the wrong shape: the products size it
@@ -72,7 +73,7 @@ void check_all(double tol) {
         // rank_rows: C (r, N) = β·C + α·Lᵀ·R2 with L2 (n, r) strided, R2 (n, N).
         for (Index N : {1, 3, 8, 13, 130}) {
           const lora::Mat<S> wide2 = filled<S>(n, r + 2, 4);
-          const lora::MatRef<S> L2 = wide2.middleCols(1, r);
+          const lora::MatRef<S> L2 = wide2.middleCols(n > 0 ? 1 : 0, r);
           const lora::Mat<S> R2 = filled<S>(n, N, 5), C0 = filled<S>(r, N, 6);
           const Exact w0 = exact_product(alpha, L2.transpose(), R2);
           const Exact w1 = C0.template cast<long double>() + w0;

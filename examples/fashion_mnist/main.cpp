@@ -125,8 +125,6 @@ Training train(Model& m, const Data& data, const Data& test, const Schedule& s, 
   opt.add(params);
   ranks.broadcast(params);
   const long steps_per_epoch = long((data.size() + s.batch - 1) / s.batch), total = steps_per_epoch * s.epochs;
-  ranks.shard(s.batch);  // batches the ranks cannot share fail now, not at an epoch's end
-  if (data.size() % s.batch) ranks.shard(data.size() % s.batch);
   std::vector<lora::Index> order(std::size_t(data.size()));
   std::iota(order.begin(), order.end(), 0);
   Training t;
@@ -174,6 +172,7 @@ Training train(Model& m, const Data& data, const Data& test, const Schedule& s, 
       tensors.add("order", Eigen::Map<const lora::Mat<std::int64_t>>(order.data(), 1, lora::Index(order.size())));
       tensors.save(dir + "/model.safetensors");
     };
+    ranks.check_agreement(params, "at step " + std::to_string(opt.steps()) + " of " + label);
     if (ranks.writer()) lora::save_training_checkpoint<Scalar>(phase_dir, write, no_dropout, opt, p);
     ranks.barrier();
   };
@@ -353,17 +352,23 @@ int main(int argc, char** argv) try {
   if (!fs::exists(data_dir + "/train-images-idx3-ubyte.gz"))
     lora::detail::fail("no Fashion-MNIST in ", data_dir, " (install it with: apt-get install dataset-fashion-mnist, or pass --data DIR)");
   fs::create_directories(out);  // fail before training, not after it
+  const Data train_set = load(data_dir, "train"), test_set = load(data_dir, "t10k");
+  const lora::Index pool = 50000, limit = quick ? 2000 : pool, adapt_n = quick ? 1500 : 10000, test_n = quick ? 1000 : 10000;
+  const Data pretrain = subset(train_set, 0, pool, 5, limit);
+  const Data adapt = subset(train_set, train_set.size() - adapt_n, train_set.size(), 10, adapt_n);
+  const Data test = subset(test_set, 0, test_n, 10, test_n), test_base = subset(test_set, 0, test_n, 5, test_n);
+  // Batches of 128 (pre-training) and 64 (adaptation), and each epoch's last one, must divide among
+  // the ranks: checked before anything is written.
+  for (const auto& [n, batch] : {std::pair<lora::Index, lora::Index>{pretrain.size(), 128}, {adapt.size(), 64}}) {
+    ranks.shard(batch);
+    if (n % batch) ranks.shard(n % batch);
+  }
   const std::string checkpoints = out + "/checkpoints";
   if (resume.empty() && ranks.writer()) {  // a new run: earlier runs' checkpoints go
     fs::remove_all(checkpoints);
     write_json(out + "/run.json", set.to_json());
   }
   ranks.barrier();
-  const Data train_set = load(data_dir, "train"), test_set = load(data_dir, "t10k");
-  const lora::Index pool = 50000, limit = quick ? 2000 : pool, adapt_n = quick ? 1500 : 10000, test_n = quick ? 1000 : 10000;
-  const Data pretrain = subset(train_set, 0, pool, 5, limit);
-  const Data adapt = subset(train_set, train_set.size() - adapt_n, train_set.size(), 10, adapt_n);
-  const Data test = subset(test_set, 0, test_n, 10, test_n), test_base = subset(test_set, 0, test_n, 5, test_n);
   std::printf("Fashion-MNIST: pre-train on %ld images of classes 0-4, adapt on %ld images of all 10 classes, test on %ld\n",
               long(pretrain.size()), long(adapt.size()), long(test.size()));
   std::printf("threads %d%s, seed %llu%s\n\n", lora::num_threads(),

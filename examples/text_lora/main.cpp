@@ -180,6 +180,7 @@ void train(Model& model, const Settings& s, const std::vector<std::int64_t>& str
   const auto checkpoint = [&] {
     nlohmann::json p = {{"run", to_json(run)}, {"rng", rng_text(rng)}, {"sum", sum}, {"n", n}, {"train_seconds", train_seconds},
                         {"seconds", seconds + bar.seconds()}};
+    ranks.check_agreement(params, "at step " + std::to_string(opt.steps()) + " of " + run.name);
     if (ranks.writer()) lora::save_training_checkpoint<float>(phase_dir, write_model, model.modules(), opt, p);
     ranks.barrier();
   };
