@@ -4,7 +4,8 @@
 //   size·b examples, rank r takes rows [r·b, (r+1)·b). After backward, rank r holds g_r, the
 //   gradient of its mean loss over its n_r counted tokens (or examples). all_reduce_gradients
 //   sums, over the ranks, one flat buffer of the trainable parameters only
-//       [ n_r·g_r (every parameter, in order) | n_r·loss_r | n_r ]          (one MPI_Allreduce)
+//       [ n_r·g_r (every parameter, in order) | n_r·loss_r | n_r ]     (one MPI_Allreduce, in pieces
+//                                                                  of 2^30 scalars beyond that)
 //   and every rank then holds the global batch's mean, not a mean of per-rank means:
 //       g = Σ_r n_r·g_r / N,    loss = Σ_r n_r·loss_r / N,    N = Σ_r n_r
 //   Each rank then takes the same optimizer step on the same numbers, so the parameters stay
@@ -34,6 +35,7 @@
 #include <mpi.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -77,7 +79,7 @@ class DataParallel {
     check_layout("DataParallel::broadcast", params);
     std::vector<Scalar>& buffer = buffer_of<Scalar>();
     fill(buffer, params, [](const Parameter<Scalar>& p) { return p.value; });
-    MPI_Bcast(buffer.data(), int(buffer.size()), mpi_type<Scalar>(), 0, comm_);
+    in_pieces(buffer, [&](Scalar* at, int n) { MPI_Bcast(at, n, mpi_type<Scalar>(), 0, comm_); });
     scatter(buffer, params, false);
   }
 
@@ -102,7 +104,7 @@ class DataParallel {
     buffer[m] = Scalar(loss * count);
     buffer[m + 1] = n;
     const auto t0 = std::chrono::steady_clock::now();
-    MPI_Allreduce(MPI_IN_PLACE, buffer.data(), int(buffer.size()), mpi_type<Scalar>(), MPI_SUM, comm_);
+    in_pieces(buffer, [&](Scalar* at, int n) { MPI_Allreduce(MPI_IN_PLACE, at, n, mpi_type<Scalar>(), MPI_SUM, comm_); });
     reduce_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     ++reductions_;
     const Scalar loss_sum = buffer[m], total = buffer[m + 1];
@@ -209,6 +211,14 @@ class DataParallel {
   static MPI_Datatype mpi_type() {
     static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>, "DataParallel: float or double");
     return std::is_same_v<Scalar, float> ? MPI_FLOAT : MPI_DOUBLE;
+  }
+
+  // f(at, n) over the buffer in pieces of at most 2^30 elements (MPI counts are ints): one piece
+  // below a billion parameters.
+  template <class Scalar, class F>
+  static void in_pieces(std::vector<Scalar>& buffer, F&& f) {
+    constexpr std::size_t piece = std::size_t(1) << 30;
+    for (std::size_t at = 0; at < buffer.size(); at += piece) f(buffer.data() + at, int(std::min(piece, buffer.size() - at)));
   }
 
   // The parameters' shapes (rows, cols per parameter) and running offset, and a hash of their
