@@ -25,6 +25,7 @@
 // waiting; a rank that dies ends the job (MPI's default error handler; mpirun stops the others).
 #pragma once
 
+#include <lora/detail/files.hpp>
 #include <lora/detail/random.hpp>
 #include <lora/error.hpp>
 #include <lora/module_map.hpp>
@@ -103,6 +104,7 @@ class DataParallel {
     const std::size_t m = buffer.size() - 2;
     buffer[m] = Scalar(loss * count);
     buffer[m + 1] = n;
+    detail::fault_point("all_reduce_gradients");  // a rank dying here: tests that the job ends
     const auto t0 = std::chrono::steady_clock::now();
     in_pieces(buffer, [&](Scalar* at, int n) { MPI_Allreduce(MPI_IN_PLACE, at, n, mpi_type<Scalar>(), MPI_SUM, comm_); });
     reduce_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

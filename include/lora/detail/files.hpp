@@ -9,7 +9,8 @@
 // (a directory in a file's place) are refused before anything is written.
 // replace_directory: a whole directory replaced in one rename (PEFT adapter directories,
 // training checkpoints); see below.
-// fault_point: a test hook; the process kills itself there when LORA_FAULT_POINT names it.
+// fault_point: a test hook; the process kills itself there when LORA_FAULT_POINT names it
+// (name@N: the N-th time it passes).
 #pragma once
 
 #include <lora/error.hpp>
@@ -127,10 +128,16 @@ inline void write_files_atomic(const std::vector<std::pair<std::string, FileByte
 
 inline void write_file_atomic(const std::string& path, const FileBytes& bytes) { write_files_atomic({{path, bytes}}); }
 
-// For fault tests: SIGKILL to this process when the environment's LORA_FAULT_POINT is name.
+// For fault tests: SIGKILL to this process when the environment's LORA_FAULT_POINT is name, or
+// name@N and the process passes the point for the N-th time.
 inline void fault_point(const char* name) {
   const char* want = std::getenv("LORA_FAULT_POINT");
-  if (want && std::strcmp(want, name) == 0) std::raise(SIGKILL);
+  if (!want) return;
+  const char* at = std::strchr(want, '@');
+  const std::size_t len = at ? std::size_t(at - want) : std::strlen(want);
+  if (std::strlen(name) != len || std::strncmp(want, name, len) != 0) return;
+  static long passes = 0;  // of the one point named
+  if (!at || ++passes == std::atol(at + 1)) std::raise(SIGKILL);
 }
 
 inline void fsync_path(const std::string& path, int flags) {
