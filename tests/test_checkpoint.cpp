@@ -50,14 +50,10 @@ struct Data {
     for (lora::Index i = 0; i < ids.size(); ++i) ids.data()[i] = std::int64_t(rng.next() % 64);
     return ids;
   }
-  nlohmann::json progress() const {
-    nlohmann::json words = nlohmann::json::array();
-    for (std::uint64_t w : rng.state()) words.push_back(lora::detail::hex_word(w));
-    return {{"data", words}};
-  }
+  nlohmann::json progress() const { return {{"data", lora::detail::stream_json(rng.state())}}; }
   void resume(const nlohmann::json& p) {
     std::array<std::uint64_t, 4> s{};
-    for (int i = 0; i < 4; ++i) ASSERT_TRUE(lora::detail::parse_hex_word(p["data"][i], s[i]));
+    ASSERT_TRUE(lora::detail::parse_stream(p["data"], s));
     rng.set_state(s);
   }
 };

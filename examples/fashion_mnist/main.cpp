@@ -27,6 +27,7 @@
 //   mpirun -np 2 fashion_mnist --threads 1
 #include "idx.hpp"
 #include "resume.hpp"
+#include "../common/json_files.hpp"
 #include "../common/ranks.hpp"
 #include "../common/report.hpp"
 #include "vit.hpp"
@@ -45,6 +46,8 @@ using Scalar = float;
 using Mat = lora::Mat<Scalar>;
 using Model = Vit<Scalar>;
 using namespace fashion;
+using demo::read_json;
+using demo::write_json;
 namespace fs = std::filesystem;
 
 namespace {
@@ -228,6 +231,7 @@ Training train(Model& m, const Data& data, const Data& test, const Schedule& s, 
     std::fflush(stdout);
   }
   ranks.check_agreement(params, "after " + label);
+  t.steps = total;
   return t;
 }
 
@@ -293,19 +297,6 @@ struct Settings {
     quick = j.at("quick"), epochs = j.at("epochs"), threads = j.at("threads"), seed = j.at("seed"), data_dir = j.at("data");
   }
 };
-
-void write_json(const std::string& path, const nlohmann::json& j) {
-  fs::create_directories(fs::path(path).parent_path());
-  const std::string text = j.dump(2) + "\n";
-  lora::detail::write_file_atomic(path, lora::detail::FileBytes(text.begin(), text.end()));
-}
-
-nlohmann::json read_json(const std::string& path) {
-  const std::string text = lora::detail::read_text(path);
-  const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-  if (j.is_discarded()) lora::detail::fail(path, ": not JSON");
-  return j;
-}
 
 }  // namespace
 
@@ -408,7 +399,7 @@ int main(int argc, char** argv) try {
       for (const lora::TensorInfo& t : st.tensors()) state.emplace(t.name, st.matrix<Scalar>(t.name));
       base.load_state(state);  // everything below the head, then the head
       base.head() = lora::Linear<Scalar>(state.at("head.weight"), lora::Vec<Scalar>(state.at("head.bias").transpose()));
-      stops.taken += j.at("steps").get<long>();
+      stops.taken += pre.steps;
       std::printf("  pre-trained before the resume: test accuracy %.4f\n", pre.epochs.back().test_accuracy);
     } else {
       base.set_base_trainable(true);
@@ -419,8 +410,7 @@ int main(int argc, char** argv) try {
         st.add("head.weight", base.head().weight()).add("head.bias", base.head().bias().transpose());
         fs::create_directories(pre_dir);
         st.save(pre_dir + "/base.safetensors");
-        const long steps = epochs * long((pretrain.size() + 127) / 128);
-        write_json(pre_dir + "/done.json", {{"training", to_json(pre)}, {"rng", to_json(rng)}, {"steps", steps}});
+        write_json(pre_dir + "/done.json", {{"training", to_json(pre)}, {"rng", to_json(rng)}});
         for (const auto& [step, ck] : lora::training_checkpoints(pre_dir)) fs::remove_all(ck);
       }
       ranks.barrier();
@@ -466,7 +456,7 @@ int main(int argc, char** argv) try {
         rng_from_json(rng, j.at("rng"), phase + "/done.json");
         ok &= j.at("ok").get<bool>();
         if (method.full) compressed_accuracy = j.at("compressed_accuracy");
-        stops.taken += j.at("steps").get<long>();
+        stops.taken += results.back().training.steps;
         std::printf("  %-28s trained before the resume: test accuracy %.4f\n", method.name.c_str(), results.back().accuracy);
         continue;
       }
@@ -524,11 +514,9 @@ int main(int argc, char** argv) try {
       ok &= method_ok;
       results.push_back(r);
       if (ranks.writer()) {
-        const long steps = epochs * long((adapt.size() + 63) / 64);
         write_json(phase + "/done.json", {{"trainable", r.trainable}, {"total", r.total}, {"accuracy", r.accuracy},
                                           {"seconds_per_epoch", r.seconds_per_epoch}, {"training", to_json(r.training)},
-                                          {"rng", to_json(rng)}, {"ok", method_ok}, {"compressed_accuracy", compressed_accuracy},
-                                          {"steps", steps}});
+                                          {"rng", to_json(rng)}, {"ok", method_ok}, {"compressed_accuracy", compressed_accuracy}});
         for (const auto& [step, ck] : lora::training_checkpoints(phase)) fs::remove_all(ck);
       }
       ranks.barrier();

@@ -36,6 +36,7 @@ struct Epoch {
 struct Training {
   std::vector<Epoch> epochs;
   std::vector<double> at, loss;  // the mean loss of every eighth of an epoch, at its end (in epochs)
+  long steps = 0;                // the phase's optimizer steps, once it is finished
 };
 
 // Where the run stands against --checkpoint-every and --max-steps.
@@ -50,7 +51,7 @@ struct Stopped {};
 inline nlohmann::json to_json(const Training& t) {
   nlohmann::json epochs = nlohmann::json::array();
   for (const Epoch& e : t.epochs) epochs.push_back({e.train_loss, e.test_accuracy, e.seconds});
-  return {{"epochs", epochs}, {"at", t.at}, {"loss", t.loss}};
+  return {{"epochs", epochs}, {"at", t.at}, {"loss", t.loss}, {"steps", t.steps}};
 }
 
 inline Training training_from_json(const nlohmann::json& j) {
@@ -58,20 +59,15 @@ inline Training training_from_json(const nlohmann::json& j) {
   for (const auto& e : j.at("epochs")) t.epochs.push_back({e.at(0), e.at(1), e.at(2)});
   t.at = j.at("at").get<std::vector<double>>();
   t.loss = j.at("loss").get<std::vector<double>>();
+  t.steps = j.at("steps");
   return t;
 }
 
-inline nlohmann::json to_json(const lora::detail::Rng& rng) {
-  nlohmann::json words = nlohmann::json::array();
-  for (std::uint64_t w : rng.state()) words.push_back(lora::detail::hex_word(w));
-  return words;
-}
+inline nlohmann::json to_json(const lora::detail::Rng& rng) { return lora::detail::stream_json(rng.state()); }
 
 inline void rng_from_json(lora::detail::Rng& rng, const nlohmann::json& j, const std::string& label) {
   std::array<std::uint64_t, 4> s{};
-  bool ok = j.is_array() && j.size() == 4;
-  for (std::size_t i = 0; ok && i < 4; ++i) ok = lora::detail::parse_hex_word(j[i], s[i]);
-  if (!ok || !rng.set_state(s)) lora::detail::fail(label, ": the shuffle stream's state is not 4 hex words");
+  if (!lora::detail::parse_stream(j, s) || !rng.set_state(s)) lora::detail::fail(label, ": the shuffle stream's state is not 4 hex words");
 }
 
 }  // namespace fashion

@@ -287,7 +287,7 @@ Settings parse(int argc, char** argv) {
       lora::detail::fail(fixed, " with --resume: the run continues with its own settings (", s.resume,
                          "/run.json); only --max-steps and --checkpoint-every may be given");
     const std::string label = s.resume + "/run.json";
-    const nlohmann::json j = nlohmann::json::parse(lora::detail::read_text(label), nullptr, false);
+    const nlohmann::json j = read_json(label);
     Settings r;
     r.out = s.resume;
     r.resume = s.resume;
@@ -392,7 +392,7 @@ int main(int argc, char** argv) try {
       const std::string phase = checkpoints + "/" + m.key;
       Run run;
       if (fs::exists(phase + "/done.json")) {  // finished before a resume
-        run = run_from_json(nlohmann::json::parse(lora::detail::read_text(phase + "/done.json")), phase + "/done.json");
+        run = run_from_json(read_json(phase + "/done.json"), phase + "/done.json");
         res.taken += s.steps;
       } else {
         reset_peak();

@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../common/json_files.hpp"
 #include "../common/report.hpp"
 
 #include <filesystem>
@@ -26,6 +27,9 @@
 #include <string>
 
 namespace text_lora {
+
+using demo::read_json;
+using demo::write_json;
 
 struct Run {
   std::string name, key;
@@ -85,12 +89,6 @@ inline void rng_from_text(std::mt19937_64& rng, const std::string& text, const s
   std::istringstream is(text);
   is >> rng;
   if (!is) lora::detail::fail(label, ": the data stream's state does not parse");
-}
-
-inline void write_json(const std::string& path, const nlohmann::json& j) {
-  std::filesystem::create_directories(std::filesystem::path(path).parent_path());
-  const std::string text = j.dump(2) + "\n";
-  lora::detail::write_file_atomic(path, lora::detail::FileBytes(text.begin(), text.end()));
 }
 
 }  // namespace text_lora

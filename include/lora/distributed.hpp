@@ -40,8 +40,6 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
-#include <cstdio>
-#include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -121,8 +119,7 @@ class DataParallel {
   template <class Scalar>
   void check_agreement(const std::vector<Parameter<Scalar>>& params, const std::string& when = "") const {
     std::uint64_t h = 0xcbf29ce484222325ULL;
-    for (const auto& p : params)
-      for (Index i = 0; i < p.value.size(); ++i) h = fnv(h, &p.value.data()[i], sizeof(Scalar));
+    for (const auto& p : params) h = fnv(h, p.value.data(), sizeof(Scalar) * std::size_t(p.value.size()));
     std::vector<std::uint64_t> all(size_);
     MPI_Allgather(&h, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, comm_);
     std::string differ;

@@ -93,6 +93,19 @@ inline bool parse_hex_word(const nlohmann::json& j, std::uint64_t& v) {
   return true;
 }
 
+// A random stream's state (Rng::state()) as 4 hex words, and back: false when j is not 4 hex
+// words or is the all-zero state no stream has.
+inline nlohmann::json stream_json(const std::array<std::uint64_t, 4>& s) {
+  nlohmann::json words = nlohmann::json::array();
+  for (std::uint64_t w : s) words.push_back(hex_word(w));
+  return words;
+}
+inline bool parse_stream(const nlohmann::json& j, std::array<std::uint64_t, 4>& s) {
+  bool ok = j.is_array() && j.size() == 4;
+  for (std::size_t i = 0; ok && i < 4; ++i) ok = parse_hex_word(j[i], s[i]);
+  return ok && (s[0] | s[1] | s[2] | s[3]) != 0;
+}
+
 }  // namespace detail
 
 // Writes out/checkpoint-<opt.steps()>: write_adapter(dir) writes the adapter (e.g.
@@ -107,11 +120,7 @@ std::string save_training_checkpoint(const std::string& out, const std::function
   if (keep_last < 1) detail::fail("save_training_checkpoint: keep_last is ", keep_last, ", expected >= 1");
   nlohmann::json dropout = nlohmann::json::object();
   for (const auto& [module, layer] : modules)
-    for (const std::string& name : layer->adapter_names()) {
-      nlohmann::json words = nlohmann::json::array();
-      for (std::uint64_t w : layer->dropout_state(name)) words.push_back(detail::hex_word(w));
-      dropout[module][name] = words;
-    }
+    for (const std::string& name : layer->adapter_names()) dropout[module][name] = detail::stream_json(layer->dropout_state(name));
   const nlohmann::json state = {{"format", "lora-training-checkpoint"}, {"version", 1}, {"step", opt.steps()},
                                 {"dropout", dropout}, {"progress", progress}};
   SafeTensorsBuilder optimizer;
@@ -173,9 +182,7 @@ nlohmann::json resume_training(const std::string& dir, const ModuleMap<Scalar>& 
                                         ? &dropout[module][name]
                                         : nullptr;
       std::array<std::uint64_t, 4> s{};
-      bool ok = words && words->is_array() && words->size() == 4;
-      for (std::size_t i = 0; ok && i < 4; ++i) ok = detail::parse_hex_word((*words)[i], s[i]);
-      if (!ok || (s[0] | s[1] | s[2] | s[3]) == 0)
+      if (!words || !detail::parse_stream(*words, s))
         problems.push_back("dropout[\"" + module + "\"][\"" + name + "\"] is missing or not 4 hex words");
       else
         streams[{module, name}] = s;
