@@ -101,6 +101,102 @@ TEST(Attention, CrossPaddedGradientsMatchFiniteDifferences) {
   check_finite_differences(att, random_mat(8, 8, 4), random_mat(6, 8, 5), 2, mask, false);
 }
 
+// Prefix-tuning: the layer with a prefix against attention written out by hand over the
+// concatenated keys [Pk; K_b] and values [Pv; V_b] (the masks reach only the sequence's keys).
+TEST(Attention, PrefixIsAttendedBeforeTheSequencesOwnKeys) {
+  const Eigen::Index d = 6, heads = 2, dh = 3, p = 2, T = 3, batch = 2;
+  AttentionConfig cfg;
+  cfg.heads = heads;
+  cfg.target_modules = {};
+  cfg.prefix = {p, 0, 1.0, 7};
+  const auto w = weights(d, 1);
+  const Att att(w, cfg);
+  ASSERT_NE(att.prefix(), nullptr);
+  MatD work;
+  const MatD KV = att.prefix()->values(work);
+  ASSERT_EQ(KV.rows(), p);
+  ASSERT_EQ(KV.cols(), 2 * d);
+  AttentionMask<double> mask;
+  mask.causal = true;
+  mask.key_padding = lora::Mat<std::uint8_t>::Zero(batch, T);
+  mask.key_padding(1, 0) = 1;  // sequence 1's first token: its first query sees only the prefix
+  const MatD x = random_mat(batch * T, d, 3);
+  auto proj = [](const MatD& in, const MatD& W, const Eigen::VectorXd& b) -> MatD { return (in * W.transpose()).rowwise() + b.transpose(); };
+  const MatD Q = proj(x, w.q_proj, w.q_bias), K = proj(x, w.k_proj, w.k_bias), V = proj(x, w.v_proj, w.v_bias);
+  MatD O = MatD::Zero(batch * T, d);
+  for (Eigen::Index b = 0; b < batch; ++b)
+    for (Eigen::Index h = 0; h < heads; ++h)
+      for (Eigen::Index i = 0; i < T; ++i) {
+        std::vector<double> z;
+        std::vector<Eigen::VectorXd> vals;
+        for (Eigen::Index j = 0; j < p; ++j) {
+          z.push_back(Q.row(b * T + i).segment(h * dh, dh).dot(KV.row(j).segment(h * dh, dh)) / std::sqrt(double(dh)));
+          vals.push_back(KV.row(j).segment(d + h * dh, dh).transpose());
+        }
+        for (Eigen::Index j = 0; j <= i; ++j)
+          if (!mask.key_padding(b, j)) {
+            z.push_back(Q.row(b * T + i).segment(h * dh, dh).dot(K.row(b * T + j).segment(h * dh, dh)) / std::sqrt(double(dh)));
+            vals.push_back(V.row(b * T + j).segment(h * dh, dh).transpose());
+          }
+        double total = 0;
+        for (double v : z) total += std::exp(v);
+        for (std::size_t k = 0; k < z.size(); ++k) O.row(b * T + i).segment(h * dh, dh) += std::exp(z[k]) / total * vals[k].transpose();
+      }
+  const MatD want = proj(O, w.o_proj, w.o_bias);
+  EXPECT_LE(max_abs(att.forward(x, batch, mask) - want), 1e-13);
+  // No prefix: a different output (the prefix is attended to).
+  AttentionConfig plain = cfg;
+  plain.prefix.length = 0;
+  EXPECT_GT(max_abs(Att(w, plain).forward(x, batch, mask) - want), 1e-3);
+}
+
+TEST(Attention, PrefixGradientsMatchFiniteDifferences) {
+  for (const lora::Index projection : {0, 5}) {  // the table itself; through the article's MLP
+    AttentionConfig cfg;
+    cfg.heads = 2;
+    cfg.lora.r = 2;
+    cfg.lora.alpha = 4;
+    cfg.target_modules = {"q_proj"};
+    cfg.prefix = {3, projection, 0.5, 11};
+    Att att(weights(8, 1), cfg);
+    att.lora("q_proj")->set_lora_B(random_mat(8, 2, 21, 0.3));
+    std::vector<std::string> names;
+    for (auto& prm : att.parameters()) names.push_back(prm.name);
+    const std::vector<std::string> want =
+        projection ? std::vector<std::string>{"q_proj.lora_A.default", "q_proj.lora_B.default", "prefix.embedding", "prefix.mlp.0.weight",
+                                              "prefix.mlp.0.bias", "prefix.mlp.2.weight", "prefix.mlp.2.bias"}
+                   : std::vector<std::string>{"q_proj.lora_A.default", "q_proj.lora_B.default", "prefix.kv"};
+    EXPECT_EQ(names, want);
+    EXPECT_EQ(att.trainable_parameters(), 2 * (2 * 8) + (projection ? 3 * 8 + 5 * 8 + 5 + 16 * 5 + 16 : 3 * 16));
+    AttentionMask<double> mask;
+    mask.causal = true;
+    mask.key_padding = lora::Mat<std::uint8_t>::Zero(2, 4);
+    mask.key_padding(1, 0) = mask.key_padding(1, 1) = 1;
+    const MatD x = random_mat(8, 8, 3);
+    check_finite_differences(att, x, x, 2, mask, true);
+    // The forward of evaluation is the training forward's.
+    EXPECT_LE(max_abs(att.forward(x, 2, mask) - att.forward_train(x, 2, mask)), 1e-15);
+    if (projection) {  // folded: the same outputs, from the table alone
+      const MatD before = att.forward(x, 2, mask);
+      att.prefix()->fold();
+      EXPECT_FALSE(att.prefix()->reparameterised());
+      EXPECT_EQ(att.parameters().back().name, "prefix.kv");
+      EXPECT_EQ(att.trainable_parameters(), 2 * (2 * 8) + 3 * 16);
+      EXPECT_LE(max_abs(att.forward(x, 2, mask) - before), 1e-15);
+    }
+  }
+}
+
+TEST(Attention, BadPrefixesAreRefused) {
+  AttentionConfig cfg;
+  cfg.prefix.length = -1;
+  EXPECT_LORA_ERROR(Att(weights(4, 1), cfg), "LoraAttention: prefix length is -1, expected >= 0");
+  EXPECT_LORA_ERROR(lora::Prefix<double>(4, {0}), "Prefix: length is 0, expected >= 1");
+  EXPECT_LORA_ERROR(lora::Prefix<double>(4, {2, -3}), "Prefix: projection is -3");
+  lora::Prefix<double> prefix(4, {2});
+  EXPECT_LORA_ERROR(prefix.backward(MatD::Zero(2, 4)), "Prefix::backward: dKV is (2, 4), expected (2, 8)");
+}
+
 // The single-head LoRAAttention of the LoRA write-ups: LoRA on Q, K, V; the output projection
 // frozen.
 TEST(Attention, SingleHeadWithFrozenOutputProjection) {

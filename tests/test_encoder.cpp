@@ -23,11 +23,12 @@ EncoderConfig make_config(std::vector<std::string> targets, int adapter_rank, do
   return c;
 }
 
-// Gives every enabled B and the adapter's V values, so that every gradient is exercised.
+// Gives every enabled B, the adapter's V and the bottlenecks' up projections values, so that every gradient is exercised.
 void randomize_updates(EncoderBlock<double>& b) {
   std::uint64_t s = 100;
   for (auto& p : b.parameters())
-    if (p.name.find("lora_B") != std::string::npos || p.name == "adapter.V") p.value = random_uniform(p.value.rows(), p.value.cols(), ++s, 0.5);
+    if (p.name.find("lora_B") != std::string::npos || p.name == "adapter.V" || p.name.find(".up.") != std::string::npos)
+      p.value = random_uniform(p.value.rows(), p.value.cols(), ++s, 0.5);
 }
 
 // Central differences in double for every trainable tensor and for dX.
@@ -60,6 +61,75 @@ TEST(Encoder, LoraAndAdapterGradientsMatchFiniteDifferences) {
   check_gradients(block, random_uniform(2 * 3, 8, 1), 2, causal);
 }
 
+// Adapter-tuning: bottlenecks after the attention and after the MLP, beside LoRA on q; then one
+// after the MLP alone, with ReLU.
+TEST(Encoder, AdapterTuningGradientsMatchFiniteDifferences) {
+  auto c = make_config({"q_proj"}, 0);
+  c.bottleneck.size = 3;
+  EncoderBlock<double> block(8, c);
+  randomize_updates(block);
+  std::vector<std::string> names;
+  for (auto& p : block.parameters()) names.push_back(p.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"attn.q_proj.lora_A.default", "attn.q_proj.lora_B.default", "bottleneck_attn.down.weight",
+                                             "bottleneck_attn.down.bias", "bottleneck_attn.up.weight", "bottleneck_attn.up.bias",
+                                             "bottleneck_mlp.down.weight", "bottleneck_mlp.down.bias", "bottleneck_mlp.up.weight",
+                                             "bottleneck_mlp.up.bias"}));
+  check_gradients(block, random_uniform(2 * 3, 8, 1), 2, {});
+
+  c = make_config({}, 0);
+  c.bottleneck = {4, lora::Activation::relu, 0};
+  c.bottleneck_after_attention = false;
+  EncoderBlock<double> mlp_only(8, c);
+  randomize_updates(mlp_only);
+  EXPECT_EQ(mlp_only.bottleneck_attention(), nullptr);
+  EXPECT_EQ(mlp_only.parameters().size(), 4u);
+  EXPECT_EQ(mlp_only.parameter_count(), block.parameter_count() - 2 * (3 * 8 + 3 + 8 * 3 + 8) - 2 * (8 * 3) + (4 * 8 + 4 + 8 * 4 + 8));
+  check_gradients(mlp_only, random_uniform(2 * 4, 8, 2), 2, {});
+}
+
+// Prefix-tuning inside the block, through the reparameterising MLP: gradients, and the block's
+// count (the frozen base plus what trains).
+TEST(Encoder, PrefixTuningGradientsMatchFiniteDifferences) {
+  auto c = make_config({}, 0);
+  c.prefix = {2, 4, 0.5, 0};
+  EncoderBlock<double> block(8, c);
+  lora::Index trainable = 0;
+  std::vector<std::string> names;
+  for (auto& p : block.parameters()) {
+    names.push_back(p.name);
+    trainable += p.value.size();
+  }
+  EXPECT_EQ(names, (std::vector<std::string>{"attn.prefix.embedding", "attn.prefix.mlp.0.weight", "attn.prefix.mlp.0.bias",
+                                             "attn.prefix.mlp.2.weight", "attn.prefix.mlp.2.bias"}));
+  EXPECT_EQ(block.parameter_count(), EncoderBlock<double>(8, make_config({}, 0)).parameter_count() + trainable);
+  lora::AttentionMask<double> causal;
+  causal.causal = true;
+  check_gradients(block, random_uniform(2 * 3, 8, 1), 2, causal);
+}
+
+// The bottleneck alone: y = z + up(act(down(z))) against its definition, and its gradients.
+TEST(Encoder, BottleneckAdapterIsTheHoulsbyBottleneck) {
+  lora::BottleneckAdapter<double> a(6, {2, lora::Activation::gelu, 9});
+  EXPECT_EQ(a.forward(random_uniform(5, 6, 1)), random_uniform(5, 6, 1));  // up = 0: the identity
+  a.up() = lora::Linear<double>(random_uniform(6, 2, 2), random_uniform(6, 1, 3).col(0));
+  const MatD z = random_uniform(5, 6, 4);
+  const MatD a_pre = (z * a.down().weight().transpose()).rowwise() + a.down().bias().transpose();
+  const MatD h = a_pre.unaryExpr([](double v) { return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0))); });
+  const MatD want = (z + h * a.up().weight().transpose()).rowwise() + a.up().bias().transpose();
+  EXPECT_LE((a.forward(z) - want).cwiseAbs().maxCoeff(), 1e-14);
+  const MatD dy = random_uniform(5, 6, 5);
+  auto loss = [&](const MatD& zin) { return (a.forward(zin).array() * dy.array()).sum(); };
+  a.zero_grad();
+  EXPECT_EQ(a.forward_train(z), a.forward(z));
+  const MatD dz = a.backward(dy);
+  int checked = expect_parameter_gradients(a.parameters(), [&] { return loss(z); }, 2e-7);
+  checked += expect_input_gradient(z, dz, loss, 2e-7);
+  EXPECT_EQ(checked, 2 * 6 + 2 + 6 * 2 + 6 + 5 * 6);
+  EXPECT_LORA_ERROR(lora::BottleneckAdapter<double>(6, {0}), "BottleneckAdapter: size is 0, expected >= 1");
+  EXPECT_LORA_ERROR(a.forward(MatD::Zero(2, 5)), "BottleneckAdapter::forward: Z is (2, 5), expected (n, 6)");
+  EXPECT_LORA_ERROR(a.backward(dy), "no forward_train");
+}
+
 TEST(Encoder, FullTrainingGradientsMatchFiniteDifferences) {
   EncoderBlock<double> block(8, make_config({"o_proj", "fc2"}, 0));
   randomize_updates(block);
@@ -76,8 +146,10 @@ TEST(Encoder, FullTrainingGradientsMatchFiniteDifferences) {
 TEST(Encoder, FreshAdaptersChangeNothing) {
   const MatD x = random_uniform(6, 8, 1);
   const EncoderBlock<double> plain(8, make_config({}, 0));
-  const EncoderBlock<double> adapted(8, make_config({"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 4));
-  EXPECT_EQ(plain.forward(x, 2), adapted.forward(x, 2));  // B = 0 and V = 0, same base weights
+  auto c = make_config({"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 4);
+  c.bottleneck.size = 3;
+  const EncoderBlock<double> adapted(8, c);
+  EXPECT_EQ(plain.forward(x, 2), adapted.forward(x, 2));  // B = 0, V = 0 and up = 0, same base weights
 }
 
 TEST(Encoder, LoraTrainingLeavesBaseWeightsUnchangedAndMergeAgrees) {
@@ -109,6 +181,12 @@ TEST(Encoder, LoraTrainingLeavesBaseWeightsUnchangedAndMergeAgrees) {
 TEST(Encoder, InvalidInputsThrow) {
   EXPECT_LORA_ERROR(EncoderBlock<double>(8, make_config({"up_proj"}, 0)), "unknown target module 'up_proj'");
   EXPECT_LORA_ERROR(EncoderBlock<double>(8, make_config({}, 0, 1.0)), "adapter_dropout is 1");
+  auto c = make_config({}, 0);
+  c.bottleneck.size = -2;
+  EXPECT_LORA_ERROR(EncoderBlock<double>(8, c), "BottleneckAdapter: size is -2, expected >= 1");
+  c.bottleneck.size = 2;
+  c.bottleneck_after_attention = c.bottleneck_after_mlp = false;
+  EXPECT_LORA_ERROR(EncoderBlock<double>(8, c), "bottleneck size is 2 but neither after the attention nor after the MLP");
   EncoderBlock<double> block(8, make_config({}, 0));
   EXPECT_LORA_ERROR(block.forward(MatD::Zero(3, 7), 1), "EncoderBlock::forward: X is (3, 7), expected (n, 8)");
   EXPECT_LORA_ERROR(block.backward(MatD::Zero(3, 8)), "no forward_train");

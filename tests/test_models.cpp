@@ -11,6 +11,7 @@
 #include "test_util.hpp"
 
 #include <filesystem>
+#include <array>
 #include <iostream>
 #include <fstream>
 #include <set>
@@ -327,6 +328,29 @@ TEST(Models, TargetedLinearsAreLoraLayersByModulePath) {
   // A fresh adapter (B = 0) leaves the logits as the base's.
   const auto io = lora::SafeTensors::open(kGpt2 + "/io.safetensors");
   EXPECT_LE(relative_error(gpt2.forward(io.integers("input_ids")), io.matrix<double>("logits_base")), 1e-6);
+}
+
+// Every LoRA layer draws its own lora_A and dropout stream (as PEFT's one global stream gives
+// each its own), from the seed and its module path: the same on every load, different per layer.
+TEST(Models, EachLoraLayerHasItsOwnInitAndDropoutStream) {
+  auto config = lora::PeftConfig::read(kLlama + "/adapter/adapter_config.json");
+  config.lora_dropout = 0.1;
+  const lora::LlamaModel<double> a(kLlama, &config), b(kLlama, &config);
+  std::set<std::array<std::uint64_t, 4>> streams;
+  for (const auto& [path, layer] : a.modules()) {
+    EXPECT_EQ(layer->lora_A(), b.modules().at(path).lora_A()) << path;
+    EXPECT_EQ(layer->dropout_state("default"), b.modules().at(path).dropout_state("default")) << path;
+    streams.insert(layer->dropout_state("default"));
+  }
+  EXPECT_EQ(streams.size(), a.modules().size());
+  int same_shape = 0;  // pairs of layers whose A has the same shape: q with q, k with v, ...
+  for (const auto& [p, x] : a.modules())
+    for (const auto& [q, y] : a.modules())
+      if (p < q && x->lora_A().rows() == y->lora_A().rows() && x->lora_A().cols() == y->lora_A().cols()) {
+        ++same_shape;
+        EXPECT_GT((x->lora_A() - y->lora_A()).cwiseAbs().maxCoeff(), 1e-3) << p << " and " << q;
+      }
+  EXPECT_GE(same_shape, 7);
 }
 
 TEST(Models, BadInputsAndCheckpointsAreRefusedByName) {

@@ -4,12 +4,15 @@
 // 1. Pre-train: a ViT (7×7 patches -> 16 tokens, d 128, 2 blocks, 4 heads, MLP 256) learns
 //    classes 0–4 (T-shirt, Trouser, Pullover, Dress, Coat) from the first 50,000 training images.
 // 2. Shift the task to all ten classes. The head grows to ten outputs (rows 0–4 are the
-//    pre-trained head, rows 5–9 start at zero) and five copies of the model adapt on the last
+//    pre-trained head, rows 5–9 start at zero) and seven copies of the model adapt on the last
 //    10,000 training images, each by one method: the head only; LoRA on q,v; LoRA on q,k,v,o and
-//    the MLP; the residual adapter x += x·U·V after attention; full fine-tuning. The head trains
-//    in every method.
-// 3. A table: test accuracy before and after, trainable parameters, memory of parameters +
-//    gradients + AdamW state, seconds per epoch.
+//    the MLP; the residual adapter x += x·U·V after attention; adapter-tuning (Houlsby
+//    bottlenecks after the attention and the MLP); prefix-tuning (8 learned keys and values per
+//    attention, trained through an MLP that is folded away afterwards); full fine-tuning. The
+//    head trains in every method.
+// 3. A table: test accuracy before and after, trainable parameters, the peak heap while training
+//    (measured: heap_count.hpp), seconds per epoch, and the inference latency at batch 1 after
+//    training (LoRA merged and unmerged) against the base model's.
 // 4. The LoRA models are merged: the merged model must predict the same classes; unmerge must
 //    give back the base weights bit for bit, as they were before training (which LoRA never changed).
 // 5. OUT/results.csv (one row per method and epoch) and OUT/curves.svg (loss and accuracy curves).
@@ -27,6 +30,7 @@
 //   mpirun -np 2 fashion_mnist --threads 1
 #include "idx.hpp"
 #include "resume.hpp"
+#include "../common/heap_count.hpp"
 #include "../common/json_files.hpp"
 #include "../common/ranks.hpp"
 #include "../common/report.hpp"
@@ -34,6 +38,7 @@
 
 #include <lora/lora.hpp>
 
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -106,6 +111,41 @@ Score evaluate(const Model& m, const Data& d) {
   s.loss /= double(d.size());
   s.accuracy /= double(d.size());
   return s;
+}
+
+// Inference latency per image at batch 1, in µs, of m and of the base model, measured image by
+// image in turn (so both see the same machine; which goes first alternates): each the best of
+// `passes` passes over the first `count` images.
+struct Latency {
+  double us, base_us;
+};
+Latency latency(const Model& m, const Model& base, const Data& d, lora::Index count, int passes) {
+  using clock = std::chrono::steady_clock;
+  double best[2] = {1e300, 1e300}, sink = 0;
+  for (int pass = 0; pass < passes; ++pass) {
+    double total[2] = {0, 0};
+    for (lora::Index i = 0; i < count; ++i)
+      for (int k = 0; k < 2; ++k) {
+        const int which = int((i + pass + k) % 2);
+        const auto start = clock::now();
+        sink += double((which == 0 ? m : base).forward(d.images.row(i))(0, 0));
+        total[which] += std::chrono::duration<double>(clock::now() - start).count();
+      }
+    for (int w = 0; w < 2; ++w) best[w] = std::min(best[w], total[w]);
+  }
+  if (!(sink == sink)) lora::detail::fail("latency: the logits are not finite");  // also keeps the forwards
+  return {1e6 * best[0] / double(count), 1e6 * best[1] / double(count)};
+}
+
+std::string decimals(double v, int digits) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.*f", digits, v);
+  return text;
+}
+std::string signed_percent(double fraction) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%+.1f %%", 100 * fraction);
+  return text;
 }
 
 struct Schedule {
@@ -224,7 +264,9 @@ Training train(Model& m, const Data& data, const Data& test, const Schedule& s, 
     }
     segment_sum = 0;  // a segment does not straddle epochs
     const double seconds = seconds_before + bar.finish();
+    t.peak_heap = std::max(t.peak_heap, double(demo::heap::peak()));  // the training steps' peak, not evaluation's
     const Score score = evaluate(m, test);
+    demo::heap::reset_peak();
     t.epochs.push_back({sum / double(steps_per_epoch), score.accuracy, seconds});
     std::printf("  %-28s epoch %d/%d  loss %.4f  test accuracy %.4f  %.1fs\n", label.c_str(), e + 1, s.epochs,
                 t.epochs.back().train_loss, score.accuracy, seconds);
@@ -239,6 +281,8 @@ struct Method {
   std::string name, key;
   std::vector<std::string> targets;  // LoRA target modules
   int adapter_rank;                  // residual adapter
+  lora::Index bottleneck;            // adapter-tuning's bottleneck size
+  lora::Index prefix;                // prefix-tuning's length (trained through an MLP of 32, then folded)
   bool full;                         // every weight trains
   double lr;
 };
@@ -248,6 +292,10 @@ struct Result {
   lora::Index trainable, total;
   double accuracy, seconds_per_epoch;
   Training training;
+  double heap_mib = 0;  // peak training heap above what was live before the model was built
+  // Batch 1 after training (merged, for LoRA; unmerged: LoRA only), each over the base model's
+  // latency measured beside it.
+  double latency_us = 0, latency_ratio = 0, unmerged_latency_us = 0, unmerged_latency_ratio = 0;
 };
 
 bool same_state(const std::map<std::string, Mat>& a, const std::map<std::string, Mat>& b) {
@@ -345,6 +393,8 @@ int main(int argc, char** argv) try {
   fs::create_directories(out);  // fail before training, not after it
   const Data train_set = load(data_dir, "train"), test_set = load(data_dir, "t10k");
   const lora::Index pool = 50000, limit = quick ? 2000 : pool, adapt_n = quick ? 1500 : 10000, test_n = quick ? 1000 : 10000;
+  const lora::Index latency_images = quick ? 200 : 500;
+  const int latency_passes = quick ? 4 : 8;
   const Data pretrain = subset(train_set, 0, pool, 5, limit);
   const Data adapt = subset(train_set, train_set.size() - adapt_n, train_set.size(), 10, adapt_n);
   const Data test = subset(test_set, 0, test_n, 10, test_n), test_base = subset(test_set, 0, test_n, 5, test_n);
@@ -437,11 +487,13 @@ int main(int argc, char** argv) try {
 
   // ---- 2. adaptation, five ways ----------------------------------------------------------
   const std::vector<Method> methods = {
-      {"head only", "head", {}, 0, false, 3e-3},
-      {"LoRA q,v (r=8)", "lora_qv", {"q_proj", "v_proj"}, 0, false, 3e-3},
-      {"LoRA q,k,v,o,MLP (r=8)", "lora_all", {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 0, false, 3e-3},
-      {"residual adapter (r=8)", "adapter", {}, 8, false, 3e-3},
-      {"full fine-tuning", "full", {}, 0, true, 1e-3},
+      {"head only", "head", {}, 0, 0, 0, false, 3e-3},
+      {"LoRA q,v (r=8)", "lora_qv", {"q_proj", "v_proj"}, 0, 0, 0, false, 3e-3},
+      {"LoRA q,k,v,o,MLP (r=8)", "lora_all", {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 0, 0, 0, false, 3e-3},
+      {"residual adapter (r=8)", "adapter", {}, 8, 0, 0, false, 3e-3},
+      {"adapter-tuning (m=32)", "adapter_tuning", {}, 0, 32, 0, false, 3e-3},
+      {"prefix-tuning (p=8)", "prefix", {}, 0, 0, 8, false, 3e-3},
+      {"full fine-tuning", "full", {}, 0, 0, 0, true, 1e-3},
   };
   std::vector<Result> results;
   double compressed_accuracy = 0;
@@ -452,7 +504,8 @@ int main(int argc, char** argv) try {
       if (fs::exists(phase + "/done.json")) {
         const nlohmann::json j = read_json(phase + "/done.json");
         results.push_back({method.name, j.at("trainable"), j.at("total"), j.at("accuracy"), j.at("seconds_per_epoch"),
-                           training_from_json(j.at("training"))});
+                           training_from_json(j.at("training")), j.at("heap_mib"), j.at("latency_us"), j.at("latency_ratio"),
+                           j.at("unmerged_latency_us"), j.at("unmerged_latency_ratio")});
         rng_from_json(rng, j.at("rng"), phase + "/done.json");
         ok &= j.at("ok").get<bool>();
         if (method.full) compressed_accuracy = j.at("compressed_accuracy");
@@ -464,6 +517,13 @@ int main(int argc, char** argv) try {
       lora::EncoderConfig c = base_config;
       c.target_modules = method.targets;
       c.adapter_rank = method.adapter_rank;
+      c.bottleneck.size = method.bottleneck;
+      c.prefix = {method.prefix, 32, 1.0, 0};
+      // The attention's inference buffers (per thread, reused) are sized by the last forward: one
+      // at batch 1 first, so every method starts from the same heap.
+      (void)start.forward(test.images.topRows(1));
+      const double heap_before = double(demo::heap::live());
+      demo::heap::reset_peak();
       Model m(d, blocks, 10, c);
       m.load_state(base_state);
       m.head() = head10;
@@ -475,6 +535,19 @@ int main(int argc, char** argv) try {
       const auto& es = r.training.epochs;
       r.accuracy = es.back().test_accuracy;
       for (const Epoch& e : es) r.seconds_per_epoch += e.seconds / double(es.size());
+      r.heap_mib = (r.training.peak_heap - heap_before) / (1024.0 * 1024.0);
+      if (method.prefix) {  // the MLP folded away: the same predictions from the keys and values alone
+        const auto trained = evaluate(m, test).predicted;
+        m.fold_prefixes();
+        const auto folded = evaluate(m, test).predicted;
+        long same = 0;
+        for (std::size_t i = 0; i < folded.size(); ++i) same += folded[i] == trained[i];
+        std::printf("  prefix MLP folded away: %ld of %zu test predictions unchanged\n", same, folded.size());
+        method_ok &= same == long(folded.size());
+      }
+      const Latency plain = latency(m, start, test, latency_images, latency_passes);
+      r.latency_us = plain.us;
+      r.latency_ratio = plain.us / plain.base_us;
       if (!method.full && !same_state(m.state(), base_state)) {
         std::printf("  FAILED: %s changed the frozen base weights\n", method.name.c_str());
         method_ok = false;
@@ -482,6 +555,11 @@ int main(int argc, char** argv) try {
       if (!method.targets.empty()) {  // ---- 4. merge, compare, unmerge
         const auto unmerged = evaluate(m, test).predicted;
         m.merge();
+        r.unmerged_latency_us = r.latency_us;
+        r.unmerged_latency_ratio = r.latency_ratio;
+        const Latency merged_latency = latency(m, start, test, latency_images, latency_passes);
+        r.latency_us = merged_latency.us;
+        r.latency_ratio = merged_latency.us / merged_latency.base_us;
         const auto merged = evaluate(m, test).predicted;
         m.unmerge();
         long same = 0;
@@ -516,6 +594,9 @@ int main(int argc, char** argv) try {
       if (ranks.writer()) {
         write_json(phase + "/done.json", {{"trainable", r.trainable}, {"total", r.total}, {"accuracy", r.accuracy},
                                           {"seconds_per_epoch", r.seconds_per_epoch}, {"training", to_json(r.training)},
+                                          {"heap_mib", r.heap_mib}, {"latency_us", r.latency_us}, {"latency_ratio", r.latency_ratio},
+                                          {"unmerged_latency_us", r.unmerged_latency_us},
+                                          {"unmerged_latency_ratio", r.unmerged_latency_ratio},
                                           {"rng", to_json(rng)}, {"ok", method_ok}, {"compressed_accuracy", compressed_accuracy}});
         for (const auto& [step, ck] : lora::training_checkpoints(phase)) fs::remove_all(ck);
       }
@@ -532,13 +613,19 @@ int main(int argc, char** argv) try {
   const double full_acc = results.back().accuracy;
   std::printf("\n3. results (test accuracy before adaptation: %.4f; full fine-tuning with its weight updates compressed\n"
               "   to rank 8: %.4f)\n\n", before.accuracy, compressed_accuracy);
-  std::printf("| method | test accuracy | vs full FT | trainable params | %% of model | memory (KiB) | s/epoch |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
+  const std::string heap_note = demo::heap::available() ? "" : " (not counted in this build)";
+  std::printf("| method | test accuracy | vs full FT | trainable params | %% of model | peak training heap (MiB)%s | s/epoch "
+              "| latency, batch 1 (us) | vs base |\n", heap_note.c_str());
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const Result& r : results) {
-    // parameters (all) + gradients and AdamW's two moments (trainable only)
-    const double kib = double(r.total + 3 * r.trainable) * sizeof(Scalar) / 1024.0;
-    std::printf("| %s | %.4f | %+.4f | %ld | %.1f%% | %.0f | %.2f |\n", r.name.c_str(), r.accuracy, r.accuracy - full_acc,
-                long(r.trainable), 100.0 * double(r.trainable) / double(r.total), kib, r.seconds_per_epoch);
+    std::string us = decimals(r.latency_us, 1), vs = signed_percent(r.latency_ratio - 1);
+    if (r.unmerged_latency_us > 0) {
+      us += " merged, " + decimals(r.unmerged_latency_us, 1) + " unmerged";
+      vs += ", " + signed_percent(r.unmerged_latency_ratio - 1);
+    }
+    std::printf("| %s | %.4f | %+.4f | %ld | %.1f%% | %.2f | %.2f | %s | %s |\n", r.name.c_str(), r.accuracy, r.accuracy - full_acc,
+                long(r.trainable), 100.0 * double(r.trainable) / double(r.total), r.heap_mib, r.seconds_per_epoch, us.c_str(),
+                vs.c_str());
   }
 
   // ---- 5. results.csv and curves.svg -----------------------------------------------------

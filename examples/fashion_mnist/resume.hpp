@@ -37,6 +37,7 @@ struct Training {
   std::vector<Epoch> epochs;
   std::vector<double> at, loss;  // the mean loss of every eighth of an epoch, at its end (in epochs)
   long steps = 0;                // the phase's optimizer steps, once it is finished
+  double peak_heap = 0;          // the most heap bytes live during its training steps (heap_count.hpp)
 };
 
 // Where the run stands against --checkpoint-every and --max-steps.
@@ -51,7 +52,7 @@ struct Stopped {};
 inline nlohmann::json to_json(const Training& t) {
   nlohmann::json epochs = nlohmann::json::array();
   for (const Epoch& e : t.epochs) epochs.push_back({e.train_loss, e.test_accuracy, e.seconds});
-  return {{"epochs", epochs}, {"at", t.at}, {"loss", t.loss}, {"steps", t.steps}};
+  return {{"epochs", epochs}, {"at", t.at}, {"loss", t.loss}, {"steps", t.steps}, {"peak_heap", t.peak_heap}};
 }
 
 inline Training training_from_json(const nlohmann::json& j) {
@@ -60,6 +61,7 @@ inline Training training_from_json(const nlohmann::json& j) {
   t.at = j.at("at").get<std::vector<double>>();
   t.loss = j.at("loss").get<std::vector<double>>();
   t.steps = j.at("steps");
+  t.peak_heap = j.at("peak_heap");
   return t;
 }
 

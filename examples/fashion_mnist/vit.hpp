@@ -1,11 +1,12 @@
 // A small vision transformer for 28×28 images, built from the library's layers:
 //
 //   images (batch, 784) -> patch embedding (7×7 tiles -> 16 tokens of d, plus positions)
-//                       -> blocks × EncoderBlock (pre-norm, LoRA / residual adapter / full)
+//                       -> blocks × EncoderBlock (pre-norm, LoRA / residual adapter /
+//                          adapter-tuning / prefix-tuning / full)
 //                       -> LayerNorm -> mean over tokens -> head Linear (d -> classes)
 //
 // What trains is chosen per model: the head always; LoRA factors of the targeted modules and the
-// residual adapters when the block config asks for them; every weight when base_trainable.
+// residual adapters, bottlenecks or prefixes when the block config asks for them; every weight when base_trainable.
 // state() / load_state() copy the base weights by name, so a pre-trained model can be the frozen
 // base of several differently adapted copies.
 #pragma once
@@ -32,7 +33,8 @@ class Vit {
       c.seed = block_config.seed + 1000 * (b + 1);
       blocks_.push_back(std::make_unique<lora::EncoderBlock<Scalar>>(d, c));
     }
-    adapted_ = !block_config.target_modules.empty() || block_config.adapter_rank > 0;
+    adapted_ = !block_config.target_modules.empty() || block_config.adapter_rank > 0 || block_config.bottleneck.size > 0 ||
+               block_config.prefix.length > 0;
     set_base_trainable(false);
   }
 
@@ -100,6 +102,11 @@ class Vit {
   void unmerge() {
     for (auto& b : blocks_) b->unmerge();
   }
+  // Prefixes trained through their MLP keep only the keys and values it gives (prefix.hpp).
+  void fold_prefixes() {
+    for (auto& b : blocks_)
+      if (auto* p = b->attention().prefix()) p->fold();
+  }
 
   // The base weights (everything below the head), by name.
   std::map<std::string, Mat> state() {
@@ -125,18 +132,15 @@ class Vit {
     const bool was = base_trainable_;
     set_base_trainable(true);
     for (auto& p : parameters())
-      if (p.name.rfind("head.", 0) != 0 && p.name.find("lora_") == std::string::npos && p.name.find("adapter.") == std::string::npos) f(p);
+      if (p.name.rfind("head.", 0) != 0 && p.name.find("lora_") == std::string::npos && p.name.find("adapter.") == std::string::npos &&
+          p.name.find("bottleneck_") == std::string::npos && p.name.find("prefix.") == std::string::npos)
+        f(p);
     set_base_trainable(was);
   }
 
   static lora::Linear<Scalar> init_head(Index d, Index classes, std::uint64_t seed) {
     lora::detail::Rng rng(seed);
-    const double bound = 1.0 / std::sqrt(double(d));
-    Mat W(classes, d);
-    lora::Vec<Scalar> b(classes);
-    for (Index i = 0; i < W.size(); ++i) W.data()[i] = Scalar((2 * rng.uniform() - 1) * bound);
-    for (Index i = 0; i < b.size(); ++i) b(i) = Scalar((2 * rng.uniform() - 1) * bound);
-    return lora::Linear<Scalar>(std::move(W), std::move(b));
+    return lora::torch_linear<Scalar>(classes, d, rng);
   }
 
   lora::PatchEmbedding<Scalar> embed_;

@@ -24,6 +24,7 @@
 #include <lora/optim.hpp>
 #include <lora/peft.hpp>
 #include <lora/training_checkpoint.hpp>
+#include <lora/version.hpp>
 
 #include "../common/ranks.hpp"
 #include "../common/report.hpp"
@@ -308,7 +309,8 @@ Settings parse(int argc, char** argv) {
 // and saved there.
 void pretrain(const Settings& s, const Corpus& english, const Ids& held, const std::string& dir, const std::string& checkpoints,
               Resumable& res, demo::Ranks& ranks) {
-  const std::string stamp = lora::detail::cat("{\"seed\": ", s.seed, ", \"steps\": ", s.pretrain_steps, ", \"batch\": ", s.batch,
+  const std::string stamp = lora::detail::cat("{\"lora\": \"", LORA_VERSION_STRING, "\", \"seed\": ", s.seed,
+                                              ", \"steps\": ", s.pretrain_steps, ", \"batch\": ", s.batch,
                                               ", \"english_bytes\": ", english.train.size(), "}\n");
   const std::string config = config_json(s), phase = checkpoints + "/pretrain";
   if (fs::exists(fs::path(dir) / "demo.json") && lora::detail::read_text(dir + "/demo.json") == stamp &&

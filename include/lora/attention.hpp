@@ -9,6 +9,10 @@
 //     Z = Q_bh·K_bhᵀ/√dh + mask (T, S)     P = softmax(Z) by rows     O_bh = P·V_bh (T, dh)
 //   y = o_proj(O)                                                      -> (batch·T, d)
 //
+// With a prefix (prefix-tuning, prefix.hpp: KV = [Pk | Pv], p rows), every sequence's keys and
+// values are [Pk; K_b] and [Pv; V_b]: Z = [Q_bh·Pk_hᵀ | Q_bh·K_bhᵀ]/√dh (T, p + S), the masks
+// acting on the S columns only (a prefix is seen by every query), O_bh = P·[Pv_h; V_bh].
+//
 // Masks (AttentionMask): causal (key j is hidden from query i when j > i, as
 // torch.ones(T, S).triu(1)), key padding per sequence ((batch, S), nonzero = ignore that key),
 // and an additive (T, S) mask added to every head's scores (−inf hides a key). A query whose
@@ -28,6 +32,7 @@
 #include <lora/layers.hpp>
 #include <lora/linear.hpp>
 #include <lora/module_map.hpp>
+#include <lora/prefix.hpp>
 #include <lora/types.hpp>
 
 #include <array>
@@ -57,6 +62,7 @@ struct AttentionConfig {
   int heads = 1;
   LoraConfig lora;  // r, alpha, dropout, ... for every targeted projection
   std::vector<std::string> target_modules = {"q_proj", "v_proj"};
+  PrefixConfig prefix;  // prefix-tuning: length 0 = none
 };
 
 template <class Scalar>
@@ -109,6 +115,8 @@ class LoraAttention {
     }
     d_ = d;
     dh_ = d / config.heads;
+    if (config.prefix.length < 0) detail::fail("LoraAttention: prefix length is ", config.prefix.length, ", expected >= 0");
+    if (config.prefix.length > 0) prefix_ = std::make_unique<Prefix<Scalar>>(d, config.prefix);
   }
 
   Index d_model() const { return d_; }
@@ -124,6 +132,9 @@ class LoraAttention {
   const LoraLinear<Scalar>* lora(Proj p) const { return proj_[int(p)].lora.get(); }
   LoraLinear<Scalar>* lora(const std::string& name) { return proj_[index_of(name)].lora.get(); }
   const LoraLinear<Scalar>* lora(const std::string& name) const { return proj_[index_of(name)].lora.get(); }
+  // The prefix, or nullptr without one.
+  Prefix<Scalar>* prefix() { return prefix_.get(); }
+  const Prefix<Scalar>* prefix() const { return prefix_.get(); }
   // The LoRA projections by name ("q_proj", ...), for PEFT files and whole-layer calls.
   const ModuleMap<Scalar>& modules() const { return modules_; }
 
@@ -138,12 +149,12 @@ class LoraAttention {
   // and P live in per-thread workspaces, so repeated calls allocate nothing.
   void forward(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask, Mat& y) const {
     Shapes s = check("forward", query, key, value, batch, mask);
-    thread_local Mat Q, K, V, O;
+    thread_local Mat Q, K, V, O, KV;
     project(Proj::q, query, Q);
     project(Proj::k, key, K);
     project(Proj::v, value, V);
     O.resize(query.rows(), d_);
-    attend(Q, K, V, s, mask, O, nullptr);
+    attend(Q, K, V, prefix_ ? &prefix_->values(KV) : nullptr, s, mask, O, nullptr);
     project(Proj::o, O, y);
   }
   Mat forward(const MatRef& x, Index batch, const Mask& mask = {}) const { return forward(x, x, x, batch, mask); }
@@ -165,9 +176,10 @@ class LoraAttention {
     project_train(Proj::q, query, c.Q);
     project_train(Proj::k, key, c.K);
     project_train(Proj::v, value, c.V);
-    c.P.resize(batch * config_.heads * s.T, s.S);
+    if (prefix_) c.KV = prefix_->forward_train();
+    c.P.resize(batch * config_.heads * s.T, s.p + s.S);
     c.O.resize(query.rows(), d_);
-    attend(c.Q, c.K, c.V, s, mask, c.O, &c.P);
+    attend(c.Q, c.K, c.V, prefix_ ? &c.KV : nullptr, s, mask, c.O, &c.P);
     Mat y;
     project_train(Proj::o, c.O, y);
     c.shapes = s;
@@ -210,28 +222,53 @@ class LoraAttention {
     c.dK.resize(c.K.rows(), d_);
     c.dV.resize(c.V.rows(), d_);
     const int tasks = static_cast<int>(s.batch) * config_.heads;
+    const Index p = s.p;
+    if (p) c.dprefix.resize(tasks * p, 2 * dh_);  // each task's dPk_h | dPv_h, summed below
     detail::parallel_for(tasks, parallel_heads(s), [&](int task) {
       const Index b = task / config_.heads;
       const int h = task % config_.heads;
-      thread_local Mat dP;  // per thread (T, S)
+      thread_local Mat dP;  // per thread (T, p + S)
       thread_local Vec rows;
-      const auto P = c.P.block(task * s.T, 0, s.T, s.S);
+      const auto P = c.P.block(task * s.T, 0, s.T, p + s.S);
       const auto dOb = c.dO.block(b * s.T, h * dh_, s.T, dh_);
-      dP.noalias() = dOb * c.V.block(b * s.S, h * dh_, s.S, dh_).transpose();
-      c.dV.block(b * s.S, h * dh_, s.S, dh_).noalias() = P.transpose() * dOb;
+      const auto Qb = c.Q.block(b * s.T, h * dh_, s.T, dh_);
+      dP.resize(s.T, p + s.S);
+      dP.rightCols(s.S).noalias() = dOb * c.V.block(b * s.S, h * dh_, s.S, dh_).transpose();
+      c.dV.block(b * s.S, h * dh_, s.S, dh_).noalias() = P.rightCols(s.S).transpose() * dOb;
+      if (p) {
+        dP.leftCols(p).noalias() = dOb * c.KV.block(0, d_ + h * dh_, p, dh_).transpose();
+        c.dprefix.block(task * p, dh_, p, dh_).noalias() = P.leftCols(p).transpose() * dOb;
+      }
       // softmax backward, then the 1/√dh of the scores; rows of P that are zero stay zero
       rows = (P.array() * dP.array()).rowwise().sum();
       dP = (P.array() * (dP.colwise() - rows).array()) * scale;
-      c.dQ.block(b * s.T, h * dh_, s.T, dh_).noalias() = dP * c.K.block(b * s.S, h * dh_, s.S, dh_);
-      c.dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.transpose() * c.Q.block(b * s.T, h * dh_, s.T, dh_);
+      auto dQb = c.dQ.block(b * s.T, h * dh_, s.T, dh_);
+      dQb.noalias() = dP.rightCols(s.S) * c.K.block(b * s.S, h * dh_, s.S, dh_);
+      c.dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.rightCols(s.S).transpose() * Qb;
+      if (p) {
+        dQb.noalias() += dP.leftCols(p) * c.KV.block(0, h * dh_, p, dh_);
+        c.dprefix.block(task * p, 0, p, dh_).noalias() = dP.leftCols(p).transpose() * Qb;
+      }
     });
+    if (p) {  // in task order, so the sum does not depend on the thread count
+      c.dKV.setZero(p, 2 * d_);
+      for (int task = 0; task < tasks; ++task) {
+        const int h = task % config_.heads;
+        c.dKV.block(0, h * dh_, p, dh_) += c.dprefix.block(task * p, 0, p, dh_);
+        c.dKV.block(0, d_ + h * dh_, p, dh_) += c.dprefix.block(task * p, dh_, p, dh_);
+      }
+      prefix_->backward(c.dKV);
+    }
     project_backward(Proj::q, c.dQ, g.d_query);
     project_backward(Proj::k, c.dK, g.d_key);
     project_backward(Proj::v, c.dV, g.d_value);
     c.valid = false;
   }
 
-  void zero_grad() { modules_.zero_grad(); }
+  void zero_grad() {
+    modules_.zero_grad();
+    if (prefix_) prefix_->zero_grad();
+  }
 
   // Restarts every projection's dropout masks (projection p uses seed + p, as at construction).
   void reseed(std::uint64_t seed) {
@@ -239,7 +276,7 @@ class LoraAttention {
       if (proj_[p].lora) proj_[p].lora->reseed(seed + static_cast<std::uint64_t>(p));
   }
 
-  // Every trainable tensor, named "q_proj.lora_A", ...
+  // Every trainable tensor, named "q_proj.lora_A", ..., "prefix.kv"
   std::vector<Parameter<Scalar>> parameters() {
     std::vector<Parameter<Scalar>> all;
     for (int p = 0; p < 4; ++p)
@@ -248,10 +285,12 @@ class LoraAttention {
           prm.name = std::string(kNames[p]) + "." + prm.name;
           all.push_back(prm);
         }
+    if (prefix_)
+      for (auto& prm : prefix_->parameters()) all.push_back({"prefix." + prm.name, prm.value, prm.grad});
     return all;
   }
 
-  Index trainable_parameters() const { return modules_.trainable_parameters(); }
+  Index trainable_parameters() const { return modules_.trainable_parameters() + (prefix_ ? prefix_->parameter_count() : 0); }
 
   // ---- merge (all LoRA projections at once; refusals change no projection) --------------
   void merge() { modules_.merge(); }
@@ -266,11 +305,11 @@ class LoraAttention {
     std::unique_ptr<Linear<Scalar>> frozen;    // not targeted
   };
   struct Shapes {
-    Index batch = 0, T = 0, S = 0;
+    Index batch = 0, T = 0, S = 0, p = 0;  // p: the prefix's length
   };
   struct Cache {
-    Mat Q, K, V, P, O;     // kept for backward
-    Mat dO, dQ, dK, dV;    // backward's workspaces, reused
+    Mat Q, K, V, P, O, KV;          // kept for backward
+    Mat dO, dQ, dK, dV, dprefix, dKV;  // backward's workspaces, reused
     Shapes shapes;
     bool valid = false;
   };
@@ -290,7 +329,7 @@ class LoraAttention {
     if (key.rows() != value.rows())
       detail::fail(where, "key is ", detail::shape(key.rows(), key.cols()), " but value is ",
                    detail::shape(value.rows(), value.cols()), "; they must have the same length");
-    Shapes s{batch, query.rows() / batch, key.rows() / batch};
+    Shapes s{batch, query.rows() / batch, key.rows() / batch, prefix_ ? prefix_->length() : 0};
     if (mask.key_padding.size() && (mask.key_padding.rows() != batch || mask.key_padding.cols() != s.S))
       detail::fail(where, "key_padding mask is ", detail::shape(mask.key_padding.rows(), mask.key_padding.cols()),
                    ", expected ", detail::shape(batch, s.S));
@@ -310,39 +349,45 @@ class LoraAttention {
   // count) when there is enough work. Each writes its own blocks, so results do not depend on
   // the thread count; the GEMMs inside run on one thread each.
   bool parallel_heads(const Shapes& s) const {
-    return s.batch * config_.heads > 1 && s.batch * config_.heads * s.T * s.S * dh_ >= (Index(1) << 18);
+    return s.batch * config_.heads > 1 && s.batch * config_.heads * s.T * (s.p + s.S) * dh_ >= (Index(1) << 18);
   }
 
-  // O_bh = softmax(Q_bh·K_bhᵀ/√dh + mask)·V_bh for every sequence b and head h. P_keep, when
-  // given, receives every P_bh (row block b·heads + h, as backward reads them); otherwise each
-  // thread uses a (T, S) workspace of its own.
-  void attend(const Mat& Q, const Mat& K, const Mat& V, const Shapes& s, const Mask& mask, Mat& O, Mat* P_keep) const {
+  // O_bh = softmax(Q_bh·K_bhᵀ/√dh + mask)·V_bh for every sequence b and head h (with the
+  // prefix's columns first when KV is given). P_keep, when given, receives every P_bh (row block
+  // b·heads + h, as backward reads them); otherwise each thread uses a (T, p + S) workspace.
+  void attend(const Mat& Q, const Mat& K, const Mat& V, const Mat* KV, const Shapes& s, const Mask& mask, Mat& O,
+              Mat* P_keep) const {
     const int tasks = static_cast<int>(s.batch) * config_.heads;
     detail::parallel_for(tasks, parallel_heads(s), [&](int task) {
       const Index b = task / config_.heads;
       const int h = task % config_.heads;
       thread_local Mat P_work;
-      if (!P_keep) P_work.resize(s.T, s.S);
+      if (!P_keep) P_work.resize(s.T, s.p + s.S);
       Eigen::Ref<Mat> P = P_keep ? Eigen::Ref<Mat>(P_keep->middleRows(task * s.T, s.T)) : Eigen::Ref<Mat>(P_work);
-      attend_probs(Q, K, b, h, s, mask, P);
-      O.block(b * s.T, h * dh_, s.T, dh_).noalias() = P * V.block(b * s.S, h * dh_, s.S, dh_);
+      attend_probs(Q, K, KV, b, h, s, mask, P);
+      auto Ob = O.block(b * s.T, h * dh_, s.T, dh_);
+      Ob.noalias() = P.rightCols(s.S) * V.block(b * s.S, h * dh_, s.S, dh_);
+      if (s.p) Ob.noalias() += P.leftCols(s.p) * KV->block(0, d_ + h * dh_, s.p, dh_);
     });
   }
 
-  // P <- softmax(Q_bh·K_bhᵀ/√dh + mask) by rows, max-subtracted; fully hidden rows are zero.
-  void attend_probs(const Mat& Q, const Mat& K, Index b, int h, const Shapes& s, const Mask& mask,
+  // P <- softmax(Q_bh·[Pk_h; K_bh]ᵀ/√dh + mask) by rows, max-subtracted; fully hidden rows are zero.
+  void attend_probs(const Mat& Q, const Mat& K, const Mat* KV, Index b, int h, const Shapes& s, const Mask& mask,
                     Eigen::Ref<Mat> P) const {
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh_));
     const Scalar neg_inf = -std::numeric_limits<Scalar>::infinity();
-    P.noalias() = scale * Q.block(b * s.T, h * dh_, s.T, dh_) * K.block(b * s.S, h * dh_, s.S, dh_).transpose();
-    if (mask.additive.size()) P += mask.additive;
+    const auto Qb = Q.block(b * s.T, h * dh_, s.T, dh_);
+    P.rightCols(s.S).noalias() = scale * Qb * K.block(b * s.S, h * dh_, s.S, dh_).transpose();
+    if (s.p) P.leftCols(s.p).noalias() = scale * Qb * KV->block(0, h * dh_, s.p, dh_).transpose();
+    if (mask.additive.size()) P.rightCols(s.S) += mask.additive;
     for (Index i = 0; i < s.T; ++i) {
       auto row = P.row(i);
+      auto keys = row.tail(s.S);  // the masks act on the sequence's own keys
       if (mask.causal)
-        for (Index j = i + 1; j < s.S; ++j) row(j) = neg_inf;
+        for (Index j = i + 1; j < s.S; ++j) keys(j) = neg_inf;
       if (mask.key_padding.size())
         for (Index j = 0; j < s.S; ++j)
-          if (mask.key_padding(b, j)) row(j) = neg_inf;
+          if (mask.key_padding(b, j)) keys(j) = neg_inf;
       const Scalar m = row.maxCoeff();
       if (m == neg_inf || std::isnan(m)) {  // nothing to attend to
         row.setZero();
@@ -375,6 +420,7 @@ class LoraAttention {
   Index d_ = 0, dh_ = 0;
   std::array<Projection, 4> proj_;
   ModuleMap<Scalar> modules_;
+  std::unique_ptr<Prefix<Scalar>> prefix_;
   Cache cache_;
 };
 

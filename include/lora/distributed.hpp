@@ -118,8 +118,8 @@ class DataParallel {
   // checksum of their bytes), naming those ranks; `when` says where (e.g. "after step 40").
   template <class Scalar>
   void check_agreement(const std::vector<Parameter<Scalar>>& params, const std::string& when = "") const {
-    std::uint64_t h = 0xcbf29ce484222325ULL;
-    for (const auto& p : params) h = fnv(h, p.value.data(), sizeof(Scalar) * std::size_t(p.value.size()));
+    std::uint64_t h = detail::kFnvBasis;
+    for (const auto& p : params) h = detail::fnv1a(h, p.value.data(), sizeof(Scalar) * std::size_t(p.value.size()));
     std::vector<std::uint64_t> all(size_);
     MPI_Allgather(&h, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, comm_);
     std::string differ;
@@ -225,10 +225,10 @@ class DataParallel {
   template <class Scalar>
   static std::vector<std::size_t> layout_of(const std::vector<Parameter<Scalar>>& params) {
     std::vector<std::size_t> l;
-    std::uint64_t names = 0xcbf29ce484222325ULL;
+    std::uint64_t names = detail::kFnvBasis;
     std::size_t offset = 0;
     for (const auto& p : params) {
-      names = fnv(names, p.name.data(), p.name.size() + 1);
+      names = detail::fnv1a(names, p.name.data(), p.name.size() + 1);
       l.push_back(std::size_t(p.value.rows()));
       l.push_back(std::size_t(p.value.cols()));
       offset += std::size_t(p.value.size());
@@ -241,8 +241,8 @@ class DataParallel {
   template <class Scalar>
   void check_layout(const char* who, const std::vector<Parameter<Scalar>>& params) {
     const std::vector<std::size_t> mine = layout_of(params);
-    std::uint64_t h = 0xcbf29ce484222325ULL;
-    h = fnv(h, mine.data(), mine.size() * sizeof(std::size_t));
+    std::uint64_t h = detail::kFnvBasis;
+    h = detail::fnv1a(h, mine.data(), mine.size() * sizeof(std::size_t));
     std::array<std::uint64_t, 2> own{h, std::uint64_t(params.size())};
     std::vector<std::uint64_t> all(2 * size_);
     MPI_Allgather(own.data(), 2, MPI_UINT64_T, all.data(), 2, MPI_UINT64_T, comm_);
@@ -290,13 +290,8 @@ class DataParallel {
   // A stream seeded (splitmix64, as every Rng) from the stream's state and the rank.
   static std::array<std::uint64_t, 4> rank_stream(const std::array<std::uint64_t, 4>& s, int rank) {
     if (rank == 0) return s;
-    const std::uint64_t mixed = fnv(fnv(0xcbf29ce484222325ULL, s.data(), sizeof s), &rank, sizeof rank);
+    const std::uint64_t mixed = detail::fnv1a(detail::fnv1a(detail::kFnvBasis, s.data(), sizeof s), &rank, sizeof rank);
     return detail::Rng(mixed).state();
-  }
-  static std::uint64_t fnv(std::uint64_t h, const void* data, std::size_t n) {
-    const auto* b = static_cast<const unsigned char*>(data);
-    for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ULL;
-    return h;
   }
   MPI_Comm comm_;
   int rank_ = 0, size_ = 1;

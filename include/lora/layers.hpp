@@ -126,6 +126,23 @@ class Linear {
   bool trainable_ = true, valid_ = false;
 };
 
+// nn.Linear's default init, drawn from rng in storage order: uniform(−1/√fan_in, 1/√fan_in).
+template <class Scalar>
+Mat<Scalar> uniform_init(Index rows, Index cols, detail::Rng& rng, Index fan_in) {
+  Mat<Scalar> m(rows, cols);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>((2 * rng.uniform() - 1) * bound);
+  return m;
+}
+
+// A Linear (out, in) initialised as nn.Linear is: W, then b, uniform(−1/√in, 1/√in).
+template <class Scalar>
+Linear<Scalar> torch_linear(Index out, Index in, detail::Rng& rng, bool trainable = true) {
+  Mat<Scalar> W = uniform_init<Scalar>(out, in, rng, in);
+  Vec<Scalar> b = uniform_init<Scalar>(out, 1, rng, in).col(0);
+  return Linear<Scalar>(std::move(W), std::move(b), trainable);
+}
+
 // LayerNorm over the last dimension (torch.nn.LayerNorm, biased variance, eps 1e-5):
 //   xhat = (x − μ)/σ, σ = sqrt(var + eps);  y = xhat ⊙ γ + β          x (n, d) -> y (n, d)
 // backward: dγ += Σ_rows dy ⊙ xhat, dβ += Σ_rows dy,
@@ -352,12 +369,7 @@ class PatchEmbedding {
     if (patch < 1 || side < 1 || side % patch != 0 || d < 1)
       detail::fail("PatchEmbedding: side ", side, ", patch ", patch, ", d ", d, ": expected side divisible by patch and d >= 1");
     detail::Rng rng(seed);
-    const double bound = 1.0 / static_cast<double>(patch);  // 1/√(patch²)
-    Mat W(d, patch * patch);
-    Vec<Scalar> b(d);
-    for (Index i = 0; i < W.size(); ++i) W.data()[i] = static_cast<Scalar>((2 * rng.uniform() - 1) * bound);
-    for (Index i = 0; i < b.size(); ++i) b(i) = static_cast<Scalar>((2 * rng.uniform() - 1) * bound);
-    return Linear<Scalar>(std::move(W), std::move(b), trainable);
+    return torch_linear<Scalar>(d, patch * patch, rng, trainable);
   }
 
   Mat add_position(Mat y) const {

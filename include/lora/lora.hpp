@@ -2,6 +2,7 @@
 #pragma once
 
 #include <lora/attention.hpp>
+#include <lora/bottleneck.hpp>
 #include <lora/combine.hpp>
 #include <lora/config.hpp>
 #include <lora/dropout.hpp>
@@ -14,12 +15,19 @@
 #include <lora/lora_model.hpp>
 #include <lora/loss.hpp>
 #include <lora/models/encoder.hpp>
+#include <lora/models/generate.hpp>
+#include <lora/models/gguf_adapter.hpp>
+#include <lora/models/gguf_model.hpp>
+#include <lora/models/gpt2.hpp>
+#include <lora/models/llama.hpp>
 #include <lora/module_map.hpp>
 #include <lora/optim.hpp>
 #include <lora/parameter.hpp>
 #include <lora/peft.hpp>
 #include <lora/peft_config.hpp>
+#include <lora/prefix.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/svd.hpp>
 #include <lora/training_checkpoint.hpp>
 #include <lora/types.hpp>
+#include <lora/version.hpp>

@@ -288,7 +288,9 @@ PeftConfig load_adapter(const std::string& dir, const ModuleMap<Scalar>& modules
       base = layer.config(name);
     else if (!names.empty())
       base = layer.config(names.front());
-    layer.update_layer(name, config.lora_config(to_load[i], base));
+    LoraConfig c = config.lora_config(to_load[i], base);
+    c.seed = base.seed;  // the layer's own seed already (lora_config would derive another)
+    layer.update_layer(name, c);
     layer.set_lora_A(name, values[i].a);
     layer.set_lora_B(name, values[i].b);
     if (config.use_dora) layer.set_lora_magnitude(name, values[i].m);

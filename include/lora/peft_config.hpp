@@ -16,6 +16,7 @@
 #include <lora/config.hpp>
 #include <lora/detail/files.hpp>
 #include <lora/detail/json.hpp>
+#include <lora/detail/random.hpp>
 #include <lora/error.hpp>
 
 #include <nlohmann/json.hpp>
@@ -89,9 +90,11 @@ struct PeftConfig {
   int rank_for(const std::string& module) const { return pattern_value(rank_pattern, module, r); }
   double alpha_for(const std::string& module) const { return pattern_value(alpha_pattern, module, lora_alpha); }
 
-  // The LoraConfig of module: base's init, seed, bias mode, fan_in_fan_out and exact mode, with
-  // r, alpha, dropout, rsLoRA and DoRA from this config.
+  // The LoraConfig of module: base's init, bias mode, fan_in_fan_out and exact mode, with r,
+  // alpha, dropout, rsLoRA and DoRA from this config, and a seed of its own drawn from base's seed
+  // and the module path (so no two layers share an init or a dropout stream).
   LoraConfig lora_config(const std::string& module, LoraConfig base = {}) const {
+    base.seed = detail::module_seed(base.seed, module);
     base.r = rank_for(module);
     base.alpha = alpha_for(module);
     base.dropout = lora_dropout;

@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 
 namespace lora::detail {
 
@@ -55,5 +56,19 @@ class Rng {
   static std::uint64_t rotl(std::uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
   std::uint64_t s_[4];
 };
+
+// FNV-1a over n bytes, continuing from h (start from kFnvBasis): a fixed 64-bit checksum.
+inline constexpr std::uint64_t kFnvBasis = 0xcbf29ce484222325ULL;
+inline std::uint64_t fnv1a(std::uint64_t h, const void* data, std::size_t n) {
+  const auto* b = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ULL;
+  return h;
+}
+
+// The seed of the layer at a module path, from a model's seed: every layer draws its own init
+// and dropout masks (PEFT draws them all from one global stream), the same on every run.
+inline std::uint64_t module_seed(std::uint64_t seed, std::string_view module) {
+  return fnv1a(fnv1a(kFnvBasis, &seed, sizeof seed), module.data(), module.size());
+}
 
 }  // namespace lora::detail

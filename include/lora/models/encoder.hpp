@@ -1,26 +1,31 @@
 // EncoderBlock<Scalar>: a pre-norm transformer encoder block whose linears are LoRA layers.
 //
 //   x (batch·T, d) -> y (batch·T, d)
-//   x1 = x + attn(ln1(x))                               attention: q, k, v, o_proj (d, d) + bias
+//   x1 = x + Ba(attn(ln1(x)))                           attention: q, k, v, o_proj (d, d) + bias
 //   x1 += drop(x1·U·V)          (residual adapter, when adapter_rank > 0: U (d, ra), V (ra, d))
-//   y  = x1 + fc2(gelu(fc1(ln2(x1))))                   fc1 (d_ff, d), fc2 (d, d_ff)
+//   y  = x1 + Bm(fc2(gelu(fc1(ln2(x1)))))               fc1 (d_ff, d), fc2 (d, d_ff)
+// Ba, Bm: adapter-tuning's bottlenecks (bottleneck.hpp) where asked, else the identity.
 //
-// Three ways to train it, chosen per module:
+// Five ways to train it, chosen per module:
 //   - LoRA on any of q_proj, k_proj, v_proj, o_proj, fc1, fc2 (target_modules); the others run
 //     their base weight alone (adapter disabled);
 //   - the residual adapter of the LoRA seed article ("LoRATransformerLayer"): U random, V zero,
 //     so a fresh adapter changes nothing; U and V train;
+//   - adapter-tuning (Houlsby et al.): a bottleneck after the attention and/or after the MLP,
+//     each output before its residual sum, as the article places them; the bottlenecks train;
+//   - prefix-tuning: learned keys and values every query of the attention sees (prefix.hpp);
 //   - full training (set_base_trainable(true)): every weight and both LayerNorms train as well,
 //     for pre-training and for the full fine-tuning baseline.
 // Base weights are initialised as nn.Linear does (uniform ±1/√in) from the seed.
 //
 // backward, dy (batch·T, d) -> dx:
-//   dx1 = dy + ln2ᵀ(fc1ᵀ(gelu'(fc2ᵀ dy)))
+//   dx1 = dy + ln2ᵀ(fc1ᵀ(gelu'(fc2ᵀ(Bmᵀ dy))))
 //   adapter: e = mask ⊙ dx1;  dV += (x1·U)ᵀ·e;  dU += x1ᵀ·(e·Vᵀ);  dx1 += e·Vᵀ·Uᵀ
-//   dx  = dx1 + ln1ᵀ(attnᵀ(dx1))     (attnᵀ sums dQuery + dKey + dValue)
+//   dx  = dx1 + ln1ᵀ(attnᵀ(Baᵀ dx1))     (attnᵀ sums dQuery + dKey + dValue)
 #pragma once
 
 #include <lora/attention.hpp>
+#include <lora/bottleneck.hpp>
 #include <lora/dropout.hpp>
 #include <lora/error.hpp>
 #include <lora/layers.hpp>
@@ -41,6 +46,9 @@ struct EncoderConfig {
   std::vector<std::string> target_modules;  // among q_proj, k_proj, v_proj, o_proj, fc1, fc2
   int adapter_rank = 0;                     // residual adapter rank; 0: none
   double adapter_dropout = 0;
+  BottleneckConfig bottleneck;              // adapter-tuning: size 0 = none (its seed comes from seed)
+  bool bottleneck_after_attention = true, bottleneck_after_mlp = true;  // where, when size > 0
+  PrefixConfig prefix;                      // prefix-tuning: length 0 = none (its seed comes from seed)
   std::uint64_t seed = 0;                   // base weights, LoRA init, adapter init, dropout
 };
 
@@ -70,12 +78,16 @@ class EncoderBlock {
     ac.lora = config.lora;
     ac.lora.seed = config.seed + 1;
     ac.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};  // all LoRA layers; untargeted ones disabled
+    ac.prefix = config.prefix;
+    ac.prefix.seed = config.seed + 10;
     attn_ = std::make_unique<Attn>(std::move(w), ac);
     LoraConfig lc = config.lora;
     lc.seed = config.seed + 5;
-    fc1_ = std::make_unique<LoraLinear<Scalar>>(uniform(dff, d, rng), uniform(dff, 1, rng, d).col(0), lc);
+    Mat w1 = uniform(dff, d, rng), b1 = uniform(dff, 1, rng, d);  // drawn in this order (not as call arguments)
+    fc1_ = std::make_unique<LoraLinear<Scalar>>(std::move(w1), Vec(b1.col(0)), lc);
     lc.seed = config.seed + 6;
-    fc2_ = std::make_unique<LoraLinear<Scalar>>(uniform(d, dff, rng), uniform(d, 1, rng, dff).col(0), lc);
+    Mat w2 = uniform(d, dff, rng), b2 = uniform(d, 1, rng, dff);
+    fc2_ = std::make_unique<LoraLinear<Scalar>>(std::move(w2), Vec(b2.col(0)), lc);
     for (const auto& [name, layer] : attn_->modules()) modules_.add("attn." + name, *layer);
     modules_.add("fc1", *fc1_);
     modules_.add("fc2", *fc2_);
@@ -87,6 +99,15 @@ class EncoderBlock {
       gV_ = Mat::Zero(config.adapter_rank, d);
     }
     adapter_rng_ = detail::Rng(config.seed + 7);
+    if (config.bottleneck.size != 0) {
+      if (!config.bottleneck_after_attention && !config.bottleneck_after_mlp)
+        detail::fail("EncoderBlock: bottleneck size is ", config.bottleneck.size, " but neither after the attention nor after the MLP");
+      BottleneckConfig bc = config.bottleneck;
+      bc.seed = config.seed + 8;
+      if (config.bottleneck_after_attention) bottleneck_attn_ = std::make_unique<BottleneckAdapter<Scalar>>(d, bc);
+      bc.seed = config.seed + 9;
+      if (config.bottleneck_after_mlp) bottleneck_mlp_ = std::make_unique<BottleneckAdapter<Scalar>>(d, bc);
+    }
     set_base_trainable(false);
   }
 
@@ -100,6 +121,8 @@ class EncoderBlock {
   LayerNorm<Scalar>& ln2() { return ln2_; }
   Mat& adapter_U() { return U_; }
   Mat& adapter_V() { return V_; }
+  BottleneckAdapter<Scalar>* bottleneck_attention() { return bottleneck_attn_.get(); }  // null when none
+  BottleneckAdapter<Scalar>* bottleneck_mlp() { return bottleneck_mlp_.get(); }
 
   // Full training: every base weight and both LayerNorms train (or none, the default).
   void set_base_trainable(bool on) {
@@ -113,12 +136,17 @@ class EncoderBlock {
   Mat forward(const MatRef& x, Index batch, const AttentionMask<Scalar>& mask = {}) const {
     check("forward", x);
     const Mat h = ln1_.forward(x);
-    Mat x1 = x + attn_->forward(h, batch, mask);
+    Mat x1 = attn_->forward(h, batch, mask);
+    if (bottleneck_attn_) x1 = bottleneck_attn_->forward(x1);
+    x1 += x;
     if (U_.size()) {
       const Mat u = x1 * U_;
       x1.noalias() += u * V_;
     }
-    return x1 + fc2_->forward(gelu<Scalar>(fc1_->forward(ln2_.forward(x1))));
+    Mat y = fc2_->forward(gelu<Scalar>(fc1_->forward(ln2_.forward(x1))));
+    if (bottleneck_mlp_) y = bottleneck_mlp_->forward(y);
+    y += x1;
+    return y;
   }
 
   // ---- training --------------------------------------------------------------------------
@@ -126,7 +154,9 @@ class EncoderBlock {
     check("forward_train", x);
     Cache& c = cache_;
     const Mat h = ln1_.forward_train(x);
-    c.x1 = x + attn_->forward_train(h, batch, mask);
+    c.x1 = attn_->forward_train(h, batch, mask);
+    if (bottleneck_attn_) c.x1 = bottleneck_attn_->forward_train(c.x1);
+    c.x1 += x;
     if (U_.size()) {
       c.x1a = c.x1;
       c.u.noalias() = c.x1a * U_;
@@ -139,7 +169,10 @@ class EncoderBlock {
     }
     c.f = fc1_->forward_train(ln2_.forward_train(c.x1));
     c.valid = true;
-    return c.x1 + fc2_->forward_train(gelu<Scalar>(c.f));
+    Mat y = fc2_->forward_train(gelu<Scalar>(c.f));
+    if (bottleneck_mlp_) y = bottleneck_mlp_->forward_train(y);
+    y += c.x1;
+    return y;
   }
 
   Mat backward(const MatRef& dy) {
@@ -151,7 +184,9 @@ class EncoderBlock {
     if (!modules_.ready_for_backward())  // checked before any gradient accumulates
       detail::fail("EncoderBlock::backward: a linear changed since forward_train (merge, unmerge, set_adapter, ...), "
                    "which discarded what backward needs; call forward_train again");
-    Mat dx1 = dy + ln2_.backward(fc1_->backward(gelu_backward<Scalar>(c.f, fc2_->backward(dy))));
+    Mat dm, da;  // through the bottlenecks, where there are some
+    if (bottleneck_mlp_) dm = bottleneck_mlp_->backward(dy);
+    Mat dx1 = dy + ln2_.backward(fc1_->backward(gelu_backward<Scalar>(c.f, fc2_->backward(bottleneck_mlp_ ? MatRef(dm) : dy))));
     if (U_.size()) {
       Mat e = dx1;
       if (config_.adapter_dropout > 0) e.array() *= c.mask.array();
@@ -160,7 +195,8 @@ class EncoderBlock {
       gU_.noalias() += c.x1a.transpose() * ev;
       dx1.noalias() += ev * U_.transpose();
     }
-    Mat dx = dx1 + ln1_.backward(attn_->backward(dx1).self());
+    if (bottleneck_attn_) da = bottleneck_attn_->backward(dx1);
+    Mat dx = dx1 + ln1_.backward(attn_->backward(bottleneck_attn_ ? da : dx1).self());
     c.valid = false;
     return dx;
   }
@@ -173,6 +209,8 @@ class EncoderBlock {
     ln2_.zero_grad();
     gU_.setZero();
     gV_.setZero();
+    if (bottleneck_attn_) bottleneck_attn_->zero_grad();
+    if (bottleneck_mlp_) bottleneck_mlp_->zero_grad();
   }
 
   // Restarts every dropout mask sequence (LoRA branches and the adapter).
@@ -194,6 +232,7 @@ class EncoderBlock {
     };
     add("ln1.", ln1_.parameters());
     add("attn.", attn_->parameters());
+    if (bottleneck_attn_) add("bottleneck_attn.", bottleneck_attn_->parameters());
     if (U_.size()) {
       all.push_back({"adapter.U", MatMap<Scalar>(U_.data(), U_.rows(), U_.cols()), MatMap<Scalar>(gU_.data(), U_.rows(), U_.cols())});
       all.push_back({"adapter.V", MatMap<Scalar>(V_.data(), V_.rows(), V_.cols()), MatMap<Scalar>(gV_.data(), V_.rows(), V_.cols())});
@@ -201,12 +240,16 @@ class EncoderBlock {
     add("ln2.", ln2_.parameters());
     add("fc1.", fc1_->parameters());
     add("fc2.", fc2_->parameters());
+    if (bottleneck_mlp_) add("bottleneck_mlp.", bottleneck_mlp_->parameters());
     return all;
   }
 
   // Every parameter of the block, trainable or not.
   Index parameter_count() const {
     Index n = ln1_.parameter_count() + ln2_.parameter_count() + U_.size() + V_.size();
+    for (const auto* b : {bottleneck_attn_.get(), bottleneck_mlp_.get()})
+      if (b) n += b->parameter_count();
+    if (attn_->prefix()) n += attn_->prefix()->parameter_count();
     for (const auto& [path, l] : modules_) {
       n += l->base_parameters();
       if (!l->disable_adapters()) n += l->lora_A().size() + l->lora_B().size();
@@ -214,8 +257,8 @@ class EncoderBlock {
     return n;
   }
 
-  // merge()/unmerge() every LoRA layer whose adapter is enabled (the residual adapter is not a
-  // weight update and stays as it is).
+  // merge()/unmerge() every LoRA layer whose adapter is enabled (the residual adapter and the
+  // bottlenecks are not weight updates and stay as they are).
   void merge() { modules_.merge(); }
   void unmerge() { modules_.unmerge(); }
   // The six linears by module path: attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, fc1, fc2.
@@ -235,10 +278,7 @@ class EncoderBlock {
 
   // nn.Linear's default: uniform(−1/√fan_in, 1/√fan_in), fan_in = cols for a weight.
   static Mat uniform(Index rows, Index cols, detail::Rng& rng, Index fan_in = 0) {
-    Mat m(rows, cols);
-    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in ? fan_in : cols));
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>((2 * rng.uniform() - 1) * bound);
-    return m;
+    return uniform_init<Scalar>(rows, cols, rng, fan_in ? fan_in : cols);
   }
 
   void check(const char* fn, const MatRef& x) const {
@@ -252,6 +292,7 @@ class EncoderBlock {
   std::unique_ptr<LoraLinear<Scalar>> fc1_, fc2_;
   ModuleMap<Scalar> modules_;
   Mat U_, V_, gU_, gV_;
+  std::unique_ptr<BottleneckAdapter<Scalar>> bottleneck_attn_, bottleneck_mlp_;
   detail::Rng adapter_rng_;
   bool base_trainable_ = false;
   Cache cache_;
