@@ -1,4 +1,5 @@
 #include <lora/models/encoder.hpp>
+#include <lora/models/ladder_side.hpp>
 
 #include "test_util.hpp"
 
@@ -190,4 +191,32 @@ TEST(Encoder, InvalidInputsThrow) {
   EncoderBlock<double> block(8, make_config({}, 0));
   EXPECT_LORA_ERROR(block.forward(MatD::Zero(3, 7), 1), "EncoderBlock::forward: X is (3, 7), expected (n, 8)");
   EXPECT_LORA_ERROR(block.backward(MatD::Zero(3, 8)), "no forward_train");
+}
+
+// Ladder side-tuning: a new side network leaves the last tap as it is; gradients of every side
+// parameter (down-projections, gates, side blocks, up) by finite differences; bad shapes refused.
+TEST(Encoder, LadderSideGradientsMatchFiniteDifferences) {
+  const lora::Index d = 8, n = 6;
+  lora::LadderSide<double> side(d, 2, {4, 1, 3});
+  EXPECT_EQ(side.width(), 2);
+  const std::vector<MatD> taps = {random_uniform(n, d, 1), random_uniform(n, d, 2), random_uniform(n, d, 3)};
+  EXPECT_EQ(side.forward(taps, 2), taps.back());  // U = 0, c = 0
+  EXPECT_EQ(side.gate(1), 0.5);
+  std::uint64_t seed = 40;
+  for (auto& p : side.parameters())
+    if (p.name == "up.weight" || p.name == "up.bias" || p.name == "gate") p.value = random_uniform(p.value.rows(), p.value.cols(), ++seed, 0.5);
+  EXPECT_NE(side.gate(1), 0.5);
+  const MatD dy = random_uniform(n, d, 9);
+  auto loss = [&] { return (side.forward_train(taps, 2).array() * dy.array()).sum(); };
+  side.zero_grad();
+  EXPECT_LE((side.forward_train(taps, 2) - side.forward(taps, 2)).cwiseAbs().maxCoeff(), 1e-14);
+  side.backward(dy);
+  EXPECT_LORA_ERROR(side.backward(dy), "no forward_train");  // backward consumed it
+  lora::Index count = 0;
+  for (auto& p : side.parameters()) count += p.value.size();
+  EXPECT_EQ(count, side.parameter_count());
+  EXPECT_EQ(expect_parameter_gradients(side.parameters(), loss, 2e-7), count);
+  EXPECT_LORA_ERROR(lora::LadderSide<double>(128, 2, {3, 2, 0}), "LadderSide: the reduction factor 3 does not divide the width 128");
+  EXPECT_LORA_ERROR(side.forward({taps[0], taps[1]}, 2), "LadderSide::forward: 2 taps, expected 3");
+  EXPECT_LORA_ERROR(side.forward({taps[0], taps[1], MatD::Zero(n, 5)}, 2), "tap 2 is (6, 5), expected (6, 8)");
 }

@@ -1,15 +1,17 @@
-// fashion_mnist: LoRA against full fine-tuning, the head alone and the residual adapter, on a
-// small vision transformer and real images (Debian's dataset-fashion-mnist).
+// fashion_mnist: LoRA against full fine-tuning, the head alone, a residual adapter, adapter-,
+// prefix- and ladder side-tuning, on a small vision transformer and real images (Debian's
+// dataset-fashion-mnist).
 //
 // 1. Pre-train: a ViT (7×7 patches -> 16 tokens, d 128, 2 blocks, 4 heads, MLP 256) learns
 //    classes 0–4 (T-shirt, Trouser, Pullover, Dress, Coat) from the first 50,000 training images.
 // 2. Shift the task to all ten classes. The head grows to ten outputs (rows 0–4 are the
-//    pre-trained head, rows 5–9 start at zero) and seven copies of the model adapt on the last
+//    pre-trained head, rows 5–9 start at zero) and eight copies of the model adapt on the last
 //    10,000 training images, each by one method: the head only; LoRA on q,v; LoRA on q,k,v,o and
 //    the MLP; the residual adapter x += x·U·V after attention; adapter-tuning (Houlsby
 //    bottlenecks after the attention and the MLP); prefix-tuning (8 learned keys and values per
-//    attention, trained through an MLP that is folded away afterwards); full fine-tuning. The
-//    head trains in every method.
+//    attention, trained through an MLP that is folded away afterwards); ladder side-tuning (a
+//    side network of width d/8 reading each block's output; no backward through the
+//    backbone); full fine-tuning. The head trains in every method.
 // 3. A table: test accuracy before and after, trainable parameters, the peak heap while training
 //    (measured: heap_count.hpp), seconds per epoch, and the inference latency at batch 1 after
 //    training (LoRA merged and unmerged) against the base model's.
@@ -283,6 +285,7 @@ struct Method {
   int adapter_rank;                  // residual adapter
   lora::Index bottleneck;            // adapter-tuning's bottleneck size
   lora::Index prefix;                // prefix-tuning's length (trained through an MLP of 32, then folded)
+  int ladder;                        // ladder side-tuning's reduction factor (0: none)
   bool full;                         // every weight trains
   double lr;
 };
@@ -487,13 +490,14 @@ int main(int argc, char** argv) try {
 
   // ---- 2. adaptation, five ways ----------------------------------------------------------
   const std::vector<Method> methods = {
-      {"head only", "head", {}, 0, 0, 0, false, 3e-3},
-      {"LoRA q,v (r=8)", "lora_qv", {"q_proj", "v_proj"}, 0, 0, 0, false, 3e-3},
-      {"LoRA q,k,v,o,MLP (r=8)", "lora_all", {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 0, 0, 0, false, 3e-3},
-      {"residual adapter (r=8)", "adapter", {}, 8, 0, 0, false, 3e-3},
-      {"adapter-tuning (m=32)", "adapter_tuning", {}, 0, 32, 0, false, 3e-3},
-      {"prefix-tuning (p=8)", "prefix", {}, 0, 0, 8, false, 3e-3},
-      {"full fine-tuning", "full", {}, 0, 0, 0, true, 1e-3},
+      {"head only", "head", {}, 0, 0, 0, 0, false, 3e-3},
+      {"LoRA q,v (r=8)", "lora_qv", {"q_proj", "v_proj"}, 0, 0, 0, 0, false, 3e-3},
+      {"LoRA q,k,v,o,MLP (r=8)", "lora_all", {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 0, 0, 0, 0, false, 3e-3},
+      {"residual adapter (r=8)", "adapter", {}, 8, 0, 0, 0, false, 3e-3},
+      {"adapter-tuning (m=32)", "adapter_tuning", {}, 0, 32, 0, 0, false, 3e-3},
+      {"prefix-tuning (p=8)", "prefix", {}, 0, 0, 8, 0, false, 3e-3},
+      {"ladder side-tuning (k=8)", "ladder", {}, 0, 0, 0, 8, false, 3e-3},
+      {"full fine-tuning", "full", {}, 0, 0, 0, 0, true, 1e-3},
   };
   std::vector<Result> results;
   double compressed_accuracy = 0;
@@ -525,6 +529,7 @@ int main(int argc, char** argv) try {
       const double heap_before = double(demo::heap::live());
       demo::heap::reset_peak();
       Model m(d, blocks, 10, c);
+      if (method.ladder) m.add_ladder({method.ladder, 2, seed + 77});
       m.load_state(base_state);
       m.head() = head10;
       m.set_base_trainable(method.full);

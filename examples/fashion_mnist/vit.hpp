@@ -49,23 +49,34 @@ class Vit {
     base_trainable_ = on;
   }
 
+  // Ladder side-tuning: a side network (lora/models/ladder_side.hpp) reads the blocks' outputs,
+  // which then run their evaluation forward only, and its output goes to the final norm.
+  void add_ladder(const lora::LadderConfig& config) {
+    ladder_ = std::make_unique<lora::LadderSide<Scalar>>(norm_.gamma().size(), int(blocks_.size()), config);
+    adapted_ = true;
+  }
+
   Mat forward(const MatRef& images) const {
-    Mat x = embed_.forward(images);
-    for (const auto& b : blocks_) x = b->forward(x, images.rows());
+    Mat x = ladder_ ? ladder_->forward(taps(images), images.rows()) : embed_.forward(images);
+    if (!ladder_)
+      for (const auto& b : blocks_) x = b->forward(x, images.rows());
     return head_.forward(lora::mean_pool<Scalar>(norm_.forward(x), images.rows()));
   }
 
   Mat forward_train(const MatRef& images) {
-    Mat x = embed_.forward_train(images);
-    for (auto& b : blocks_) x = b->forward_train(x, images.rows());
+    Mat x = ladder_ ? ladder_->forward_train(taps(images), images.rows()) : embed_.forward_train(images);
+    if (!ladder_)
+      for (auto& b : blocks_) x = b->forward_train(x, images.rows());
     return head_.forward_train(lora::mean_pool<Scalar>(norm_.forward_train(x), images.rows()));
   }
 
-  // Back from dlogits; stops at the head when nothing below it trains (the head-only method).
+  // Back from dlogits; stops at the head when nothing below it trains (the head-only method), at
+  // the side network with a ladder.
   void backward(const MatRef& dlogits) {
     Mat dx = head_.backward(dlogits);
     if (!base_trainable_ && !adapted_) return;
     dx = norm_.backward(lora::mean_pool_backward<Scalar>(dx, kTokens));
+    if (ladder_) return ladder_->backward(dx);
     for (auto b = blocks_.rbegin(); b != blocks_.rend(); ++b) dx = (*b)->backward(dx);
     if (base_trainable_) embed_.backward(dx);
   }
@@ -75,6 +86,7 @@ class Vit {
     for (auto& b : blocks_) b->zero_grad();
     norm_.zero_grad();
     head_.zero_grad();
+    if (ladder_) ladder_->zero_grad();
   }
 
   std::vector<lora::Parameter<Scalar>> parameters() {
@@ -86,6 +98,7 @@ class Vit {
     for (std::size_t b = 0; b < blocks_.size(); ++b) add("blocks." + std::to_string(b) + ".", blocks_[b]->parameters());
     add("norm.", norm_.parameters());
     add("head.", head_.parameters());
+    if (ladder_) add("ladder.", ladder_->parameters());
     return all;
   }
 
@@ -93,7 +106,7 @@ class Vit {
   Index parameter_count() const {
     Index n = embed_.parameter_count() + norm_.parameter_count() + head_.parameter_count();
     for (const auto& b : blocks_) n += b->parameter_count();
-    return n;
+    return n + (ladder_ ? ladder_->parameter_count() : 0);
   }
 
   void merge() {
@@ -133,9 +146,18 @@ class Vit {
     set_base_trainable(true);
     for (auto& p : parameters())
       if (p.name.rfind("head.", 0) != 0 && p.name.find("lora_") == std::string::npos && p.name.find("adapter.") == std::string::npos &&
-          p.name.find("bottleneck_") == std::string::npos && p.name.find("prefix.") == std::string::npos)
+          p.name.find("bottleneck_") == std::string::npos && p.name.find("prefix.") == std::string::npos &&
+          p.name.rfind("ladder.", 0) != 0)
         f(p);
     set_base_trainable(was);
+  }
+
+  // The backbone's outputs for a side network: the first block's input and each block's output,
+  // from the evaluation forward (nothing kept for a backward).
+  std::vector<Mat> taps(const MatRef& images) const {
+    std::vector<Mat> t{embed_.forward(images)};
+    for (const auto& b : blocks_) t.push_back(b->forward(t.back(), images.rows()));
+    return t;
   }
 
   static lora::Linear<Scalar> init_head(Index d, Index classes, std::uint64_t seed) {
@@ -147,5 +169,6 @@ class Vit {
   std::vector<std::unique_ptr<lora::EncoderBlock<Scalar>>> blocks_;
   lora::LayerNorm<Scalar> norm_;
   lora::Linear<Scalar> head_;
+  std::unique_ptr<lora::LadderSide<Scalar>> ladder_;
   bool base_trainable_ = false, adapted_ = false;
 };

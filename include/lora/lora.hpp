@@ -19,6 +19,7 @@
 #include <lora/models/gguf_adapter.hpp>
 #include <lora/models/gguf_model.hpp>
 #include <lora/models/gpt2.hpp>
+#include <lora/models/ladder_side.hpp>
 #include <lora/models/llama.hpp>
 #include <lora/module_map.hpp>
 #include <lora/optim.hpp>
