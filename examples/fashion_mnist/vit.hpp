@@ -57,16 +57,24 @@ class Vit {
   }
 
   Mat forward(const MatRef& images) const {
-    Mat x = ladder_ ? ladder_->forward(taps(images), images.rows()) : embed_.forward(images);
-    if (!ladder_)
+    Mat x;
+    if (ladder_) {
+      x = ladder_->forward(taps(images), images.rows());
+    } else {
+      x = embed_.forward(images);
       for (const auto& b : blocks_) x = b->forward(x, images.rows());
+    }
     return head_.forward(lora::mean_pool<Scalar>(norm_.forward(x), images.rows()));
   }
 
   Mat forward_train(const MatRef& images) {
-    Mat x = ladder_ ? ladder_->forward_train(taps(images), images.rows()) : embed_.forward_train(images);
-    if (!ladder_)
+    Mat x;
+    if (ladder_) {
+      x = ladder_->forward_train(taps(images), images.rows());
+    } else {
+      x = embed_.forward_train(images);
       for (auto& b : blocks_) x = b->forward_train(x, images.rows());
+    }
     return head_.forward_train(lora::mean_pool<Scalar>(norm_.forward_train(x), images.rows()));
   }
 

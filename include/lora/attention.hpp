@@ -176,10 +176,10 @@ class LoraAttention {
     project_train(Proj::q, query, c.Q);
     project_train(Proj::k, key, c.K);
     project_train(Proj::v, value, c.V);
-    if (prefix_) c.KV = prefix_->forward_train();
+    c.KV = prefix_ ? &prefix_->forward_train() : nullptr;
     c.P.resize(batch * config_.heads * s.T, s.p + s.S);
     c.O.resize(query.rows(), d_);
-    attend(c.Q, c.K, c.V, prefix_ ? &c.KV : nullptr, s, mask, c.O, &c.P);
+    attend(c.Q, c.K, c.V, c.KV, s, mask, c.O, &c.P);
     Mat y;
     project_train(Proj::o, c.O, y);
     c.shapes = s;
@@ -236,7 +236,7 @@ class LoraAttention {
       dP.rightCols(s.S).noalias() = dOb * c.V.block(b * s.S, h * dh_, s.S, dh_).transpose();
       c.dV.block(b * s.S, h * dh_, s.S, dh_).noalias() = P.rightCols(s.S).transpose() * dOb;
       if (p) {
-        dP.leftCols(p).noalias() = dOb * c.KV.block(0, d_ + h * dh_, p, dh_).transpose();
+        dP.leftCols(p).noalias() = dOb * c.KV->block(0, d_ + h * dh_, p, dh_).transpose();
         c.dprefix.block(task * p, dh_, p, dh_).noalias() = P.leftCols(p).transpose() * dOb;
       }
       // softmax backward, then the 1/√dh of the scores; rows of P that are zero stay zero
@@ -246,7 +246,7 @@ class LoraAttention {
       dQb.noalias() = dP.rightCols(s.S) * c.K.block(b * s.S, h * dh_, s.S, dh_);
       c.dK.block(b * s.S, h * dh_, s.S, dh_).noalias() = dP.rightCols(s.S).transpose() * Qb;
       if (p) {
-        dQb.noalias() += dP.leftCols(p) * c.KV.block(0, h * dh_, p, dh_);
+        dQb.noalias() += dP.leftCols(p) * c.KV->block(0, h * dh_, p, dh_);
         c.dprefix.block(task * p, 0, p, dh_).noalias() = dP.leftCols(p).transpose() * Qb;
       }
     });
@@ -308,7 +308,8 @@ class LoraAttention {
     Index batch = 0, T = 0, S = 0, p = 0;  // p: the prefix's length
   };
   struct Cache {
-    Mat Q, K, V, P, O, KV;          // kept for backward
+    Mat Q, K, V, P, O;                 // kept for backward
+    const Mat* KV = nullptr;           // the prefix's keys and values (the Prefix keeps them)
     Mat dO, dQ, dK, dV, dprefix, dKV;  // backward's workspaces, reused
     Shapes shapes;
     bool valid = false;

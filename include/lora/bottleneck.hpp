@@ -57,16 +57,18 @@ class BottleneckAdapter {
 
   Mat forward(const MatRef& z) const {
     check("forward", z);
-    Mat y = z;
-    y.noalias() += up_.forward(act(down_.forward(z)));
+    Mat y;
+    up_.forward(act(down_.forward(z)), y);
+    y += z;
     return y;
   }
 
   Mat forward_train(const MatRef& z) {
     check("forward_train", z);
     down_.forward_train(z, a_);
-    Mat y = z;
-    y.noalias() += up_.forward_train(act(a_));
+    Mat y;
+    up_.forward_train(act(a_), y);
+    y += z;
     return y;
   }
 
@@ -78,8 +80,9 @@ class BottleneckAdapter {
                    detail::shape(a_.rows(), d_model()));
     const Mat dh = up_.backward(dy);
     const Mat da = config_.activation == Activation::gelu ? gelu_backward<Scalar>(a_, dh) : relu_backward<Scalar>(a_, dh);
-    Mat dz = dy;
-    dz.noalias() += down_.backward(da);
+    Mat dz;
+    down_.backward(da, dz);
+    dz += dy;
     return dz;
   }
 
