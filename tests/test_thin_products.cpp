@@ -87,16 +87,18 @@ void check_all(double tol) {
       }
 }
 
-// few_rows: y (n, M) = β·y + α·x·Wᵀ for n ≤ 8 (every tile: groups of 4, 2, 1 rows; W's rows in
-// blocks of 8 and their remainders; K around a packet), x and y strided; more rows are refused.
+// few_rows: y (n, M) = β·y + α·x·Wᵀ for n ≤ 8 (every tile: groups of 8, 4, 2, 1 rows; W's rows in
+// blocks of 8 and their remainders; K around a packet, and the short K that W's transposed
+// squares take: 4, 8, 16, 24, 32), x, y and W strided; more rows are refused.
 template <class S>
 void check_few_rows(double tol) {
   const S alpha = S(0.75);
   for (Index n = 1; n <= lora::detail::kFewRows; ++n)
     for (Index M : {1, 3, 8, 13, 130})
-      for (Index K : {1, 5, 8, 9, 131}) {
+      for (Index K : {1, 4, 5, 8, 9, 16, 24, 32, 131}) {
         SCOPED_TRACE(testing::Message() << "n " << n << " M " << M << " K " << K);
         const lora::Mat<S> wide = filled<S>(n, K + 3, 11), W = filled<S>(M, K, 12), y0 = filled<S>(n, M + 2, 13);
+        const lora::Mat<S> Wwide = filled<S>(M, K + 5, 12);  // W's rows at a stride of K + 5
         const lora::MatRef<S> x = wide.middleCols(2, K);
         const Exact want = exact_product(alpha, x, W.transpose());
         lora::Mat<S> y(2, 2);
@@ -109,6 +111,12 @@ void check_few_rows(double tol) {
         EXPECT_LT(rel_err(lora::Mat<S>(yw.middleCols(1, M)), want_b), tol);
         EXPECT_EQ(yw.col(0), y0.col(0));  // the columns around the block untouched
         EXPECT_EQ(yw.col(M + 1), y0.col(M + 1));
+        lora::Mat<S> ys(n, M);  // W strided, β = 1
+        ys.setConstant(S(2));
+        ASSERT_TRUE(lora::detail::few_rows<S>(n, M, K, alpha, x.data(), x.outerStride(), Wwide.data() + 3, K + 5, S(1), ys.data(),
+                                              ys.outerStride()));
+        const Exact want_s = exact_product(alpha, x, Wwide.middleCols(3, K).transpose()).array() + 2.0L;
+        EXPECT_LT(rel_err(ys, want_s), tol);
       }
   lora::Mat<S> y;
   const lora::Mat<S> x = filled<S>(lora::detail::kFewRows + 1, 4, 1), W = filled<S>(3, 4, 2);

@@ -2,8 +2,10 @@
 // x uses adapter names[i], or the base alone for "__base__".
 //
 //   y = b + x·Wᵀ                     one GEMM over all rows
-//   y[rows of a] += s_a·(x[rows of a]·A_aᵀ)·B_aᵀ   per adapter a: its rows gathered (in place when
-//                                                 contiguous, detail/row_groups.hpp), two thin GEMMs
+//   y[rows of a] += s_a·(x[rows of a]·A_aᵀ)·B_aᵀ   per adapter a: up to 8 rows one by one through
+//                                                 few_rows, read in place; more rows gathered (in
+//                                                 place when contiguous, detail/row_groups.hpp)
+//                                                 through two thin products
 //
 // Groups write disjoint rows of y, so they run in parallel (OpenMP, above a work threshold).
 #pragma once

@@ -3,6 +3,7 @@
 // group whose rows are one contiguous run can be used in place, without a gather.
 #pragma once
 
+#include <lora/detail/few_rows.hpp>
 #include <lora/detail/thin_products.hpp>
 #include <lora/types.hpp>
 
@@ -39,10 +40,21 @@ struct RowGroups {
 
 // y[rows] += s·(x[rows]·Aᵀ)·Bᵀ for the m rows of one group, gathered unless contiguous.
 //   x (n, in), A (r, in), B (out, r), y (n, out)
+// A group of at most kFewRows rows (decoding: often one row per adapter) goes row by row through
+// few_rows, reading x's and y's rows, A and B in place: no gather, no copy, no GEMM call.
 template <class Scalar>
 void add_lora_rows(const MatRef<Scalar>& x, const Mat<Scalar>& A, const Mat<Scalar>& B, Scalar s, const Index* rows, Index m,
                    Mat<Scalar>& y) {
   thread_local Mat<Scalar> xg, t, u;
+  if (m <= kFewRows && thin::simd<Scalar>) {
+    const Index r = A.rows();
+    t.resize(1, r);
+    for (Index j = 0; j < m; ++j) {
+      few_rows<Scalar>(1, r, x.cols(), Scalar(1), x.data() + rows[j] * x.outerStride(), x.outerStride(), A.data(), A.outerStride(), Scalar(0), t.data(), r);
+      few_rows<Scalar>(1, y.cols(), r, s, t.data(), r, B.data(), B.outerStride(), Scalar(1), y.data() + rows[j] * y.outerStride(), y.outerStride());
+    }
+    return;
+  }
   if (rows[m - 1] - rows[0] == m - 1) {  // one contiguous run of rows
     rank_cols_t<Scalar>(t, Scalar(1), x.middleRows(rows[0], m), A);
     y.middleRows(rows[0], m).noalias() += s * t * B.transpose();
