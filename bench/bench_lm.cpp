@@ -13,7 +13,11 @@
 // after load minus before), training and decode (unmerged, greedy, 8 sequences) tokens/s, and how far the
 // logits of the two are apart.
 //
-//   bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen] [--no-train]
+// --methods times training alone for the text demo's three methods on one model: LoRA (r 8) on
+// q_proj and v_proj, LoRA on all seven linears, and full fine-tuning (every base weight trains),
+// in alternating rounds (median of 5).
+//
+//   bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen] [--methods] [--no-train]
 // (--no-train: decoding only, for profiling it)
 #include <lora/loss.hpp>
 #include <lora/models/generate.hpp>
@@ -190,11 +194,36 @@ void frozen(const Shape& s, int rounds, int train_steps, int new_tokens) {
               s.name, bytes[1] / 1e6, train[1], decode[1], bytes[1] / bytes[0], train[1] / train[0], decode[1] / decode[0], diff);
 }
 
+// Training tokens/s of LoRA q,v, LoRA on all linears and full fine-tuning, rounds alternating.
+void methods(const Shape& s, int rounds, int train_steps) {
+  const lora::LmConfig config = lora::LmConfig::from_json(config_json(s), s.name);
+  const std::string dir = "/tmp/bench_lm_methods_" + std::string(s.name);
+  Model(config, 1).save_pretrained(dir);
+  const std::vector<std::vector<std::string>> targets = {
+      {"q_proj", "v_proj"}, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, {}};
+  std::vector<Model> models;
+  for (const auto& t : targets) {
+    lora::PeftConfig peft;
+    peft.r = 8;
+    peft.lora_alpha = 16;
+    peft.target_modules = t;
+    models.emplace_back(dir, t.empty() ? nullptr : &peft);
+    if (t.empty()) models.back().set_base_trainable(true);
+  }
+  lora::detail::Rng rng(7);
+  const Ids ids = random_ids(s, rng);
+  std::vector<std::vector<double>> tps(models.size());
+  for (int r = 0; r < rounds; ++r)
+    for (std::size_t m = 0; m < models.size(); ++m) tps[m].push_back(train_tokens_per_second(models[m], ids, 1, train_steps));
+  std::printf("%-6s training tok/s  LoRA q,v %8.0f  LoRA all linears %8.0f  full fine-tuning %8.0f  (all / full %.3f)\n", s.name,
+              median(tps[0]), median(tps[1]), median(tps[2]), median(tps[1]) / median(tps[2]));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
   int threads = 1;
-  bool quick = false, frozen_weights = false, no_train = false;
+  bool quick = false, frozen_weights = false, train_methods = false, no_train = false;
   std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -208,19 +237,27 @@ int main(int argc, char** argv) try {
       no_train = true;
     else if (a == "--frozen")
       frozen_weights = true;
+    else if (a == "--methods")
+      train_methods = true;
     else if (a.rfind("--only=", 0) == 0)
       only = a.substr(7);
     else
-      lora::detail::fail("unknown argument ", a, " (bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen] [--no-train])");
+      lora::detail::fail("unknown argument ", a, " (bench_lm [--threads N] [--quick] [--only=demo|large] [--frozen] [--methods] [--no-train])");
   }
   lora::set_num_threads(threads);
+  const Shape demo{"demo", 258, 128, 4, 4, 2, 344, 16, 128}, large{"large", 4096, 1024, 2, 16, 4, 2816, 4, 128};
+  if (train_methods) {
+    std::printf("bench_lm --methods: %d thread(s); training only; median of %d alternating rounds\n", threads, quick ? 1 : 5);
+    if (only.empty() || only == "demo") methods(demo, quick ? 1 : 5, quick ? 1 : 4);
+    if (only.empty() || only == "large") methods(large, quick ? 1 : 5, quick ? 1 : 2);
+    return 0;
+  }
   if (frozen_weights)
     std::printf("bench_lm --frozen: %d thread(s); a bf16 checkpoint, LoRA r 8 on q_proj and v_proj; frozen weights widened to float "
                 "or kept in bf16; median of %d rounds\n", threads, quick ? 1 : 5);
   else
     std::printf("bench_lm: %d thread(s); LoRA r 8 on every linear; median of %d rounds (ratios: unmerged or mixed / merged)\n",
                 threads, quick ? 1 : 5);
-  const Shape demo{"demo", 258, 128, 4, 4, 2, 344, 16, 128}, large{"large", 4096, 1024, 2, 16, 4, 2816, 4, 128};
   if (frozen_weights) {
     if (only.empty() || only == "demo") frozen(demo, quick ? 1 : 5, no_train ? 0 : quick ? 1 : 4, quick ? 8 : 64);
     if (only.empty() || only == "large") frozen(large, quick ? 1 : 5, no_train ? 0 : quick ? 1 : 2, quick ? 8 : 64);
