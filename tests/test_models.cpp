@@ -8,6 +8,7 @@
 #include <lora/models/llama.hpp>
 #include <lora/peft.hpp>
 
+#include "lm_test_util.hpp"
 #include "test_util.hpp"
 
 #include <filesystem>
@@ -52,21 +53,8 @@ void check_base_logits(const std::string& dir) {
 template <class Model>
 void check_incremental(const std::string& dir) {
   const Model model(dir);
-  Ids ids(2, 7), mask = Ids::Ones(2, 7);
-  ids << 0, 0, 11, 12, 13, 14, 15, 21, 22, 23, 24, 25, 26, 27;
-  mask(0, 0) = mask(0, 1) = 0;
-  const lora::Mat<double> full = model.forward(ids, mask);
-  auto cache = model.make_cache(2, 7);
-  lora::Mat<double> got(14, full.cols());
-  const lora::Mat<double> first = model.forward(Ids(ids.leftCols(3)), Ids(mask.leftCols(3)), &cache);
-  for (Eigen::Index b = 0; b < 2; ++b) got.middleRows(b * 7, 3) = first.middleRows(b * 3, 3);
-  for (Eigen::Index t = 3; t < 7; ++t) {
-    const lora::Mat<double> step = model.forward(Ids(ids.col(t)), Ids(mask.col(t)), &cache);
-    for (Eigen::Index b = 0; b < 2; ++b) got.row(b * 7 + t) = step.row(b);
-  }
+  auto cache = lm_test::expect_incremental_equals_full(model);
   EXPECT_EQ(cache.length, 7);
-  // Rows of real tokens (a pad's row is never used).
-  for (Eigen::Index r : {2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13}) EXPECT_LE((got.row(r) - full.row(r)).cwiseAbs().maxCoeff(), 1e-12) << r;
   EXPECT_LORA_ERROR(model.forward(Ids::Zero(2, 1), {}, &cache), "7 cached + 1 new tokens exceed the cache's capacity 7");
   EXPECT_EQ(cache.length, 7);
 }
@@ -130,21 +118,8 @@ TEST(Models, SamplingIsSeededAndStopsAtStopTokens) {
   EXPECT_LORA_ERROR(lora::generate(model, {std::vector<std::int64_t>(60, 1)}, greedy), "exceed max_position_embeddings 64");
 }
 
-// Two sequences of 6 tokens, the first left-padded by one, with -100 labels (the pad's, one more in
-// each sequence): the batch the finite-difference checks run.
-namespace {
-struct Batch {
-  Ids ids, mask, labels;
-};
-Batch padded_batch() {
-  Batch b{Ids(2, 6), Ids::Ones(2, 6), Ids()};
-  b.ids << 0, 7, 3, 9, 17, 4, 5, 6, 7, 8, 9, 10;
-  b.mask(0, 0) = 0;
-  b.labels = b.ids;
-  b.labels(0, 0) = b.labels(0, 1) = b.labels(1, 3) = -100;
-  return b;
-}
-}  // namespace
+using lm_test::Batch;
+using lm_test::padded_batch;
 
 // Gradients of the LoRA factors through a whole model (padding, -100 labels) against central
 // differences of causal_lm_loss, in double, for the listed modules (3 entries of A and of B each).

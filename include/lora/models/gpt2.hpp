@@ -226,7 +226,7 @@ class Gpt2Model : public TrainableModules<Gpt2Model<Scalar>, Scalar> {
       L.c_fc.backward(df, da);
       layer_norm_backward(lc.xhat2, lc.inv2, L.ln2, da, dh);
       L.attn_proj.backward(dh, dx);
-      causal_attention_backward(lc.q, lc.k, lc.v, lc.p, dx, tr.batch, tr.T, c.num_attention_heads, c.num_attention_heads,
+      causal_attention_backward(lc.q, lc.k, lc.v, lc.p, dx, tr.batch, tr.T, 0, c.num_attention_heads, c.num_attention_heads,
                                 c.head_dim, dq, dk, dv);
       dqkv << dq, dk, dv;
       // Below the first layer only frozen embeddings: unless they or its norm train, no dX.

@@ -72,20 +72,21 @@ class LadderSide {
   // μ_i, the share of the side network's own path into block i (1-based, as the taps).
   Scalar gate(int i) const { return sigmoid(a_[i - 1]); }
 
-  // taps: blocks() + 1 matrices (n, d) from the backbone.
-  Mat forward(const std::vector<Mat>& taps, Index batch) const {
+  // taps: blocks() + 1 matrices (n, d) from the backbone; mask: the side blocks' attention mask
+  // (causal beside a causal language model, its padding).
+  Mat forward(const std::vector<Mat>& taps, Index batch, const AttentionMask<Scalar>& mask = {}) const {
     check("forward", taps);
     Mat s = down_[0].forward(taps[0]);
     for (int i = 1; i <= blocks(); ++i) {
       const Scalar mu = gate(i);
-      s = side_[i - 1]->forward(mu * s + (1 - mu) * down_[i].forward(taps[i]), batch);
+      s = side_[i - 1]->forward(mu * s + (1 - mu) * down_[i].forward(taps[i]), batch, mask);
     }
     Mat y = taps.back();
     y.noalias() += up_->forward(s);
     return y;
   }
 
-  Mat forward_train(std::vector<Mat> taps, Index batch) {
+  Mat forward_train(std::vector<Mat> taps, Index batch, const AttentionMask<Scalar>& mask = {}) {
     check("forward_train", taps);
     c_.taps = std::move(taps);  // the backbone's outputs only: (blocks + 1) × (n, d)
     const std::vector<Mat>& h = c_.taps;
@@ -94,7 +95,7 @@ class LadderSide {
     for (int i = 1; i <= blocks(); ++i) {
       const Scalar mu = gate(i);
       c_.t.push_back(down_[i].forward_train(h[i]));
-      c_.s.push_back(side_[i - 1]->forward_train(mu * c_.s[i - 1] + (1 - mu) * c_.t[i], batch));
+      c_.s.push_back(side_[i - 1]->forward_train(mu * c_.s[i - 1] + (1 - mu) * c_.t[i], batch, mask));
     }
     c_.valid = true;
     Mat y = h.back();

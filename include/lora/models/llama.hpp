@@ -20,13 +20,15 @@
 // makes it a LoraLinear registered in modules() under that path, so load_adapter, save_adapter,
 // merge and named adapters work on the model as on any ModuleMap. The base weights train when
 // asked (set_trainable, set_base_trainable: lm_trainable.hpp); a new model comes from a config and
-// a seed; save_pretrained writes the model as a Hugging Face folder.
+// a seed; save_pretrained writes the model as a Hugging Face folder. add_bottlenecks, add_prefix and
+// add_ladder attach adapter-tuning, prefix-tuning or ladder side-tuning (lm_methods.hpp).
 #pragma once
 
 #include <lora/detail/files.hpp>
 #include <lora/error.hpp>
 #include <lora/models/lm_blocks.hpp>
 #include <lora/models/lm_config.hpp>
+#include <lora/models/lm_methods.hpp>
 #include <lora/models/lm_trainable.hpp>
 #include <lora/module_map.hpp>
 #include <lora/parameter.hpp>
@@ -48,6 +50,8 @@ namespace lora {
 
 template <class Scalar>
 class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
+  using Base = TrainableModules<LlamaModel<Scalar>, Scalar>;
+
  public:
   using Mat = lora::Mat<Scalar>;
   using Vec = lora::Vec<Scalar>;
@@ -120,44 +124,50 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   Mat forward(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {},
               KvCache<Scalar>* cache = nullptr, const std::vector<std::string>* adapters = nullptr) const {
     const LmConfig& c = config_;
-    const Index batch = ids.rows(), T = ids.cols(), past = cache ? cache->length : 0;
-    check_token_ids("LlamaModel::forward", ids, attention_mask, c.vocab_size, c.max_position_embeddings, past);
-    const std::vector<std::string> row_names = adapter_rows("LlamaModel::forward", adapters, ids.rows(), ids.cols(), modules_);
-    const std::vector<std::string>* rows = adapters ? &row_names : nullptr;
-    const lora::Mat<std::int64_t> key_mask = begin_cached_forward("LlamaModel::forward", cache, ids, attention_mask, int(layers_.size()));
-    const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : nullptr);
-    Mat h(batch * T, c.hidden_size), a, q, k, v, o, g, u, y, cos, sin;
-    for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < T; ++t) embed_.lookup(ids(b, t), h.row(b * T + t));
-    rope_tables(pos, cos, sin);
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& L = layers_[l];
-      rms_norm(h, L.norm1.gamma, c.rms_norm_eps, a);
-      L.q.forward(a, q, rows);
-      L.k.forward(a, k, rows);
-      L.v.forward(a, v, rows);
-      rope(q, c.num_attention_heads, cos, sin);
-      rope(k, c.num_key_value_heads, cos, sin);
-      const AttentionInputs<Scalar> kv = keys_and_values(k, v, batch, T, cache, int(l));
-      causal_attention(q, *kv.K, *kv.V, batch, T, past, kv.stride, c.num_attention_heads, c.num_key_value_heads, c.head_dim, key_mask, o);
-      L.o.forward(o, y, rows);
-      h += y;
-      rms_norm(h, L.norm2.gamma, c.rms_norm_eps, a);
-      L.gate.forward(a, g, rows);
-      L.up.forward(a, u, rows);
-      g = silu_times(g, u);
-      L.down.forward(g, y, rows);
-      h += y;
-    }
-    end_cached_forward(cache, ids, attention_mask);
+    std::vector<std::string> rows;
+    Mat h = hidden(ids, attention_mask, cache, adapters, rows), a, logits;
     rms_norm(h, norm_.gamma, c.rms_norm_eps, a);
-    Mat logits;
     if (c.tie_word_embeddings)
       embed_.head(a, logits);
     else
-      head_.forward(a, logits, rows);
+      head_.forward(a, logits, adapters ? &rows : nullptr);
     return logits;
   }
+
+  // ---- adapter-tuning, prefix-tuning, ladder side-tuning (lm_methods.hpp) -----------------
+  // Bottlenecks of config.size after every layer's attention and/or MLP; they train (parameters()).
+  void add_bottlenecks(const BottleneckConfig& config, bool after_attention = true, bool after_mlp = true) {
+    methods_.add_bottlenecks(int(layers_.size()), config_.hidden_size, config, after_attention, after_mlp);
+    discard_training();
+  }
+  // config.length keys and values per layer, seen by every query; they train.
+  void add_prefix(const PrefixConfig& config) {
+    methods_.add_prefix(int(layers_.size()), Index(config_.num_key_value_heads) * config_.head_dim, config,
+                        config_.max_position_embeddings);
+    discard_training();
+  }
+  // A side network of width hidden_size / reduction beside the layers; it alone trains: refused
+  // with LoRA layers, trained base weights or other methods.
+  void add_ladder(const LadderConfig& config) {
+    if (modules_.size() > 0 || Base::trainable_parameters() > 0)
+      detail::fail("add_ladder: the model has LoRA layers or trained base weights; a ladder side network trains alone");
+    methods_.add_ladder(int(layers_.size()), config_.hidden_size, config);
+    discard_training();
+  }
+  const LmMethods<Scalar>& methods() const { return methods_; }
+  LmMethods<Scalar>& methods() { return methods_; }
+  // The trainable tensors: LoRA factors and trained base tensors (lm_trainable.hpp), then the
+  // methods' (lm_methods.hpp).
+  std::vector<Parameter<Scalar>> parameters() {
+    std::vector<Parameter<Scalar>> p = Base::parameters();
+    methods_.parameters(p);
+    return p;
+  }
+  void zero_grad() {
+    Base::zero_grad();
+    methods_.zero_grad();
+  }
+  Index trainable_parameters() const { return Base::trainable_parameters() + methods_.parameter_count(); }
 
   // ---- training ---------------------------------------------------------------------------
   // forward_train: forward without a cache, keeping per layer what backward needs (the layer's
@@ -175,14 +185,17 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   //   head's dE += dlogitsᵀ·a.
   Mat forward_train(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {}) {
     const LmConfig& c = config_;
-    const Index batch = ids.rows(), T = ids.cols();
-    check_token_ids("LlamaModel::forward_train", ids, attention_mask, c.vocab_size, c.max_position_embeddings);
+    const Index batch = ids.rows(), T = ids.cols(), p = methods_.prefix_length(), w = Index(c.num_key_value_heads) * c.head_dim;
+    check_token_ids("LlamaModel::forward_train", ids, attention_mask, c.vocab_size, c.max_position_embeddings, p);
     Train& tr = train_;
-    tr.valid = false;
+    tr.valid = tr.ladder = false;
     tr.batch = batch;
     tr.T = T;
     tr.ids = ids;
-    rope_tables(token_positions(batch, T, attention_mask, nullptr), tr.cos, tr.sin);
+    if (methods_.ladder()) return forward_train_ladder(ids, attention_mask);
+    const std::vector<std::int64_t> after_prefix(static_cast<std::size_t>(batch), static_cast<std::int64_t>(p));
+    rope_tables(token_positions(batch, T, attention_mask, p ? &after_prefix : nullptr), tr.cos, tr.sin);
+    const lora::Mat<std::int64_t> key_mask = p ? LmMethods<Scalar>::prefix_mask(p, attention_mask, batch, T) : attention_mask;
     // The linears borrow their inputs (a₁, o, a₂, act), which stay in the layer's cache until
     // backward. h flows through the layers' caches: lc.h in, lc.h_mid between the halves.
     tr.layers.resize(layers_.size());
@@ -201,26 +214,29 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
       L.v.forward_train(lc.a1, lc.v, Keep::borrow);
       rope(lc.q, c.num_attention_heads, tr.cos, tr.sin);
       rope(lc.k, c.num_key_value_heads, tr.cos, tr.sin);
+      auto* M = methods_.layer(l);
+      if (p) {  // lc.k, lc.v become the keys and values with the prefix's in front (p + T per sequence)
+        const Mat& KV = M->prefix->forward_train();
+        LmMethods<Scalar>::prepend(KV.leftCols(w), lc.k, batch, T, tr.work);
+        lc.k.swap(tr.work);
+        LmMethods<Scalar>::prepend(KV.rightCols(w), lc.v, batch, T, tr.work);
+        lc.v.swap(tr.work);
+      }
       lc.p.resize(std::size_t(batch) * c.num_attention_heads);
-      causal_attention(lc.q, lc.k, lc.v, batch, T, 0, T, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                       attention_mask, lc.o, &lc.p);
+      causal_attention(lc.q, lc.k, lc.v, batch, T, p, p + T, c.num_attention_heads, c.num_key_value_heads, c.head_dim, key_mask,
+                       lc.o, &lc.p);
       L.o.forward_train(lc.o, y, Keep::borrow);
+      if (M && M->after_attention) y = M->after_attention->forward_train(y);
       lc.h_mid.noalias() = lc.h + y;
       rms_norm_train(lc.h_mid, L.norm2.gamma, c.rms_norm_eps, lc.a2, lc.r2);
       L.gate.forward_train(lc.a2, lc.gate, Keep::borrow);
       L.up.forward_train(lc.a2, lc.up, Keep::borrow);
       lc.act = silu_times(lc.gate, lc.up);
       L.down.forward_train(lc.act, y, Keep::borrow);
+      if (M && M->after_mlp) y = M->after_mlp->forward_train(y);
     }
     if (!layers_.empty()) tr.h.noalias() = tr.layers.back().h_mid + y;
-    rms_norm_train(tr.h, norm_.gamma, c.rms_norm_eps, tr.a, tr.r);
-    Mat logits;
-    if (c.tie_word_embeddings)
-      embed_.head(tr.a, logits);
-    else
-      head_.forward_train(tr.a, logits, Keep::borrow);
-    tr.valid = true;
-    return logits;
+    return train_head();
   }
 
   void backward(const MatRef& dlogits) {
@@ -244,21 +260,34 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
       head_.backward(dlogits, da);
     }
     rms_norm_backward(tr.h, norm_, tr.r, da, dh);
+    if (tr.ladder) return methods_.ladder()->backward(dh);  // the side network alone: nothing through the layers
+    const Index p = methods_.prefix_length(), w = Index(c.num_key_value_heads) * c.head_dim;
     for (std::size_t l = layers_.size(); l-- > 0;) {
       Layer& L = layers_[l];
       const LayerCache& lc = tr.layers[l];
-      // MLP half: h_out = h_mid + down(silu(gate) ⊙ up); σ = sigmoid(gate), one exp per element
-      L.down.backward(dh, g.dact);
+      auto* M = methods_.layer(l);
+      // MLP half: h_out = h_mid + B_mlp(down(silu(gate) ⊙ up)); σ = sigmoid(gate), one exp per element
+      if (M && M->after_mlp) g.dbn = M->after_mlp->backward(dh);
+      L.down.backward(M && M->after_mlp ? MatRef(g.dbn) : MatRef(dh), g.dact);
       g.sig = (Scalar(1) + (-lc.gate.array()).exp()).inverse();
       g.dup = g.dact.array() * lc.gate.array() * g.sig.array();
       g.dgate = g.dact.array() * lc.up.array() * g.sig.array() * (Scalar(1) + lc.gate.array() * (Scalar(1) - g.sig.array()));
       L.gate.backward(g.dgate, da);
       L.up.backward(g.dup, da, InputGrad::add);
       rms_norm_backward(lc.h_mid, L.norm2, lc.r2, da, dh);
-      // Attention half: h_mid = h + o_proj(attention(rope(q), rope(k), v))
-      L.o.backward(dh, dx);
-      causal_attention_backward(lc.q, lc.k, lc.v, lc.p, dx, tr.batch, tr.T, c.num_attention_heads, c.num_key_value_heads,
+      // Attention half: h_mid = h + B_attn(o_proj(attention(rope(q), [Pk; rope(k)], [Pv; v])))
+      if (M && M->after_attention) g.dbn = M->after_attention->backward(dh);
+      L.o.backward(M && M->after_attention ? MatRef(g.dbn) : MatRef(dh), dx);
+      causal_attention_backward(lc.q, lc.k, lc.v, lc.p, dx, tr.batch, tr.T, p, c.num_attention_heads, c.num_key_value_heads,
                                 c.head_dim, dq, dk, dv);
+      if (p) {  // the prefix's rows of dK, dV summed over the sequences; the rest go on to rope and k/v_proj
+        g.dkv.resize(p, 2 * w);
+        LmMethods<Scalar>::split(dk, tr.batch, tr.T, g.dkv.leftCols(w), g.work);
+        dk.swap(g.work);
+        LmMethods<Scalar>::split(dv, tr.batch, tr.T, g.dkv.rightCols(w), g.work);
+        dv.swap(g.work);
+        M->prefix->backward(g.dkv);
+      }
       rope(dq, c.num_attention_heads, tr.cos, tr.sin, Scalar(-1));
       rope(dk, c.num_key_value_heads, tr.cos, tr.sin, Scalar(-1));
       // Below the first layer only frozen embeddings: unless they or its norm train, no dX.
@@ -273,8 +302,26 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   }
 
   // An empty cache for batch sequences of up to capacity tokens each.
+  // With a prefix the cache starts holding it (capacity + p rows per sequence, length p, positions
+  // from p); with a ladder it keeps the side network's taps as well.
   KvCache<Scalar> make_cache(Index batch, Index capacity) const {
-    return KvCache<Scalar>(batch, capacity, int(layers_.size()), Index(config_.num_key_value_heads) * config_.head_dim);
+    const Index p = methods_.prefix_length(), w = Index(config_.num_key_value_heads) * config_.head_dim;
+    KvCache<Scalar> cache(batch, capacity + p, int(layers_.size()), w);
+    if (p) {
+      cache.prefix = cache.length = p;
+      cache.mask.leftCols(p).setOnes();
+      cache.real.assign(std::size_t(batch), std::int64_t(p));
+      Mat work;
+      for (std::size_t l = 0; l < layers_.size(); ++l) {
+        const Mat& KV = methods_.layer(l)->prefix->values(work);
+        for (Index b = 0; b < batch; ++b) {
+          cache.k[l].middleRows(b * cache.capacity, p) = KV.leftCols(w);
+          cache.v[l].middleRows(b * cache.capacity, p) = KV.rightCols(w);
+        }
+      }
+    }
+    if (methods_.ladder()) cache.taps.assign(layers_.size() + 1, Mat::Zero(batch * cache.capacity, config_.hidden_size));
+    return cache;
   }
 
  private:
@@ -349,6 +396,124 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     }
     inv_freq_ = c.rope_inv_freq(!std::is_same_v<Scalar, double>);
   }
+  // Training a ladder side network: the layers run their evaluation forward (nothing kept), the
+  // side network and the final norm keep what backward needs.
+  Mat forward_train_ladder(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask) {
+    Train& tr = train_;
+    if (modules_.size() > 0 || Base::trainable_parameters() > 0)
+      detail::fail("LlamaModel::forward_train: with a ladder side network only the side trains; the model has LoRA layers or trained base weights");
+    std::vector<std::string> rows;
+    std::vector<Mat> taps;
+    hidden(ids, attention_mask, nullptr, nullptr, rows, &taps);
+    tr.h = methods_.ladder()->forward_train(std::move(taps), ids.rows(), side_mask(attention_mask));
+    tr.ladder = true;
+    return train_head();
+  }
+
+  // The final norm and the head on tr.h, keeping what backward needs.
+  Mat train_head() {
+    Train& tr = train_;
+    rms_norm_train(tr.h, norm_.gamma, config_.rms_norm_eps, tr.a, tr.r);
+    Mat logits;
+    if (config_.tie_word_embeddings)
+      embed_.head(tr.a, logits);
+    else
+      head_.forward_train(tr.a, logits, Keep::borrow);
+    tr.valid = true;
+    return logits;
+  }
+
+  // The side network's attention: causal, the padding's keys hidden (mask (batch, S), 1 = token).
+  static AttentionMask<Scalar> side_mask(const lora::Mat<std::int64_t>& mask) {
+    AttentionMask<Scalar> m;
+    m.causal = true;
+    if (mask.size()) m.key_padding = (mask.array() == 0).template cast<std::uint8_t>();
+    return m;
+  }
+
+  // forward up to the final norm: h (batch·T, d) after the layers (and a ladder's side network).
+  // row_names: the adapter of each row when adapters is given. taps (training a ladder): the
+  // side network's inputs, returned instead of run.
+  Mat hidden(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask, KvCache<Scalar>* cache,
+             const std::vector<std::string>* adapters, std::vector<std::string>& row_names, std::vector<Mat>* taps = nullptr) const {
+    const LmConfig& c = config_;
+    const char* fn = "LlamaModel::forward";
+    const Index batch = ids.rows(), T = ids.cols(), p = methods_.prefix_length(), w = Index(c.num_key_value_heads) * c.head_dim;
+    const LadderSide<Scalar>* ladder = methods_.ladder();
+    if (cache && (cache->prefix != p || cache->taps.size() != (ladder ? layers_.size() + 1 : 0)))
+      detail::fail(fn, ": the cache was made for another set of methods (a prefix of ", cache->prefix, " positions, ",
+                   cache->taps.size(), " ladder taps; the model has ", p, " and ", ladder ? layers_.size() + 1 : 0, "): make_cache again");
+    const Index past = cache ? cache->length : p;  // keys before the new tokens': cached ones (the prefix among them) or the prefix
+    check_token_ids(fn, ids, attention_mask, c.vocab_size, c.max_position_embeddings, past);
+    row_names = adapter_rows(fn, adapters, ids.rows(), ids.cols(), modules_);
+    const std::vector<std::string>* rows = adapters ? &row_names : nullptr;
+    const lora::Mat<std::int64_t> key_mask =
+        cache || !p ? begin_cached_forward(fn, cache, ids, attention_mask, int(layers_.size()))
+                    : LmMethods<Scalar>::prefix_mask(p, attention_mask, batch, T);
+    const std::vector<std::int64_t> after_prefix(static_cast<std::size_t>(batch), static_cast<std::int64_t>(p));
+    const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : p ? &after_prefix : nullptr);
+    Mat h(batch * T, c.hidden_size), a, q, k, v, o, g, u, y, cos, sin, K, V, work;
+    for (Index b = 0; b < batch; ++b)
+      for (Index t = 0; t < T; ++t) embed_.lookup(ids(b, t), h.row(b * T + t));
+    std::vector<Mat> own_taps;
+    std::vector<Mat>& tapped = taps ? *taps : own_taps;
+    tapped.clear();
+    if (ladder) tapped.push_back(h);
+    rope_tables(pos, cos, sin);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      const auto* M = methods_.layer(l);
+      rms_norm(h, L.norm1.gamma, c.rms_norm_eps, a);
+      L.q.forward(a, q, rows);
+      L.k.forward(a, k, rows);
+      L.v.forward(a, v, rows);
+      rope(q, c.num_attention_heads, cos, sin);
+      rope(k, c.num_key_value_heads, cos, sin);
+      AttentionInputs<Scalar> kv = keys_and_values(k, v, batch, T, cache, int(l));
+      if (!cache && p) {  // the prefix's keys and values in front of each sequence's
+        const Mat& KV = M->prefix->values(work);
+        LmMethods<Scalar>::prepend(KV.leftCols(w), k, batch, T, K);
+        LmMethods<Scalar>::prepend(KV.rightCols(w), v, batch, T, V);
+        kv = {&K, &V, p + T};
+      }
+      causal_attention(q, *kv.K, *kv.V, batch, T, past, kv.stride, c.num_attention_heads, c.num_key_value_heads, c.head_dim, key_mask, o);
+      L.o.forward(o, y, rows);
+      if (M && M->after_attention) y = M->after_attention->forward(y);
+      h += y;
+      rms_norm(h, L.norm2.gamma, c.rms_norm_eps, a);
+      L.gate.forward(a, g, rows);
+      L.up.forward(a, u, rows);
+      g = silu_times(g, u);
+      L.down.forward(g, y, rows);
+      if (M && M->after_mlp) y = M->after_mlp->forward(y);
+      h += y;
+      if (ladder) tapped.push_back(h);
+    }
+    if (ladder && !taps) h = side_network(tapped, attention_mask, cache, batch, T);
+    end_cached_forward(cache, ids, attention_mask);
+    return h;
+  }
+
+  // The ladder's output for the new tokens (batch·T, d) from their taps. With a cache the taps
+  // join the cached ones and the side network runs over every token so far (it keeps no cache).
+  Mat side_network(const std::vector<Mat>& taps, const lora::Mat<std::int64_t>& attention_mask, KvCache<Scalar>* cache,
+                   Index batch, Index T) const {
+    if (!cache) return methods_.ladder()->forward(taps, batch, side_mask(attention_mask));
+    const Index past = cache->length, S = past + T, cap = cache->capacity;
+    std::vector<Mat> all(taps.size());
+    for (std::size_t i = 0; i < taps.size(); ++i) {
+      all[i].resize(batch * S, taps[i].cols());
+      for (Index b = 0; b < batch; ++b) {
+        cache->taps[i].middleRows(b * cap + past, T) = taps[i].middleRows(b * T, T);
+        all[i].middleRows(b * S, S) = cache->taps[i].middleRows(b * cap, S);
+      }
+    }
+    const Mat y = methods_.ladder()->forward(all, batch, side_mask(cache->mask.leftCols(S)));
+    Mat out(batch * T, y.cols());
+    for (Index b = 0; b < batch; ++b) out.middleRows(b * T, T) = y.middleRows(b * S + past, T);
+    return out;
+  }
+
   struct LayerCache {
     Mat h, a1, q, k, v, o, h_mid, a2, gate, up, act;
     Vec r1, r2;
@@ -358,13 +523,13 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   static auto silu_times(const Mat& g, const Mat& u) { return g.array() / (Scalar(1) + (-g.array()).exp()) * u.array(); }
 
   struct Grads {  // backward's buffers, kept between steps
-    Mat da, dh, dx, dq, dk, dv, dgate, dup, dact, sig;
+    Mat da, dh, dx, dq, dk, dv, dgate, dup, dact, sig, dbn, dkv, work;
   };
   struct Train {
-    bool valid = false;
+    bool valid = false, ladder = false;  // ladder: the last forward_train ran the side network (forward_train_ladder)
     Index batch = 0, T = 0;
     lora::Mat<std::int64_t> ids;
-    Mat cos, sin, h, a, y;
+    Mat cos, sin, h, a, y, work;
     Vec r;
     std::vector<LayerCache> layers;
     Grads grads;
@@ -414,6 +579,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   Projection<Scalar> head_;  // unused when tied: the head is embed_
   lora::Vec<double> inv_freq_;  // rope_inv_freq: float values in a float model
   ModuleMap<Scalar> modules_;
+  LmMethods<Scalar> methods_;
   Train train_;
 };
 

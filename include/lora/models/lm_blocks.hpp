@@ -280,6 +280,8 @@ struct KvCache {
   std::vector<Mat<Scalar>> k, v;              // per layer (batch·capacity, kv_heads·dh)
   Mat<std::int64_t> mask;                     // (batch, capacity): 1 = a real token
   std::vector<std::int64_t> real;             // real tokens per sequence so far
+  Index prefix = 0;                           // prefix-tuning's keys and values in front (lm_methods.hpp)
+  std::vector<Mat<Scalar>> taps;              // a ladder side network's inputs per tap (batch·capacity, d)
 
   KvCache(Index batch_, Index capacity_, int layers, Index width) : batch(batch_), capacity(capacity_) {
     if (batch < 1 || capacity < 1) detail::fail("KvCache: batch ", batch, " and capacity ", capacity, " must be >= 1");
@@ -352,32 +354,34 @@ void causal_attention(const Mat<Scalar>& q, const Mat<Scalar>& K, const Mat<Scal
   });
 }
 
-// Backward of causal_attention without a cache (past 0), from the probabilities it kept:
+// Backward of causal_attention without a cache, from the probabilities it kept; K, V hold
+// past + T keys per sequence (rows b·(past + T) + j: a prefix's past ones, then the tokens'):
 //   dP = dO·Vᵀ   dV += Pᵀ·dO   dS = P ⊙ (dP − rowsum(dP ⊙ P))   dQ = dS·K/√dh   dK += dSᵀ·Q/√dh
 // (dK, dV of a kv head summed over the query heads that share it). A hidden key has P = 0 and
 // gets nothing.
 template <class Scalar>
-void causal_attention_backward(const Mat<Scalar>& q, const Mat<Scalar>& k, const Mat<Scalar>& v,
-                               const std::vector<Mat<Scalar>>& probs, const Mat<Scalar>& d_o, Index batch, Index T,
-                               int heads, int kv_heads, Index dh, Mat<Scalar>& dq, Mat<Scalar>& dk, Mat<Scalar>& dv) {
+void causal_attention_backward(const Mat<Scalar>& q, const Mat<Scalar>& K, const Mat<Scalar>& V,
+                               const std::vector<Mat<Scalar>>& probs, const Mat<Scalar>& d_o, Index batch, Index T, Index past,
+                               int heads, int kv_heads, Index dh, Mat<Scalar>& dq, Mat<Scalar>& dK, Mat<Scalar>& dV) {
   const int group = heads / kv_heads;
+  const Index S = past + T;
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
   dq.resize(q.rows(), q.cols());
-  dk = Mat<Scalar>::Zero(k.rows(), k.cols());
-  dv = Mat<Scalar>::Zero(v.rows(), v.cols());
+  dK = Mat<Scalar>::Zero(K.rows(), K.cols());
+  dV = Mat<Scalar>::Zero(V.rows(), V.cols());
   // One task per (sequence, kv head): it alone writes that kv head's dK, dV blocks.
   const int tasks = int(batch) * kv_heads;
-  detail::parallel_for(tasks, parallel_attention(int(batch) * heads, T, T, dh), [&](int task) {
+  detail::parallel_for(tasks, parallel_attention(int(batch) * heads, T, S, dh), [&](int task) {
     const Index b = task / kv_heads, kv = task % kv_heads;
     thread_local Mat<Scalar> dp;
     for (int h = int(kv) * group; h < int(kv + 1) * group; ++h) {
       const Mat<Scalar>& P = probs[std::size_t(b * heads + h)];
       const auto dO = d_o.block(b * T, h * dh, T, dh);
-      dp.noalias() = dO * v.block(b * T, kv * dh, T, dh).transpose();
-      dv.block(b * T, kv * dh, T, dh).noalias() += P.transpose() * dO;
+      dp.noalias() = dO * V.block(b * S, kv * dh, S, dh).transpose();
+      dV.block(b * S, kv * dh, S, dh).noalias() += P.transpose() * dO;
       for (Index i = 0; i < T; ++i) dp.row(i) = P.row(i).cwiseProduct((dp.row(i).array() - dp.row(i).dot(P.row(i))).matrix());
-      dq.block(b * T, h * dh, T, dh).noalias() = scale * dp * k.block(b * T, kv * dh, T, dh);
-      dk.block(b * T, kv * dh, T, dh).noalias() += scale * dp.transpose() * q.block(b * T, h * dh, T, dh);
+      dq.block(b * T, h * dh, T, dh).noalias() = scale * dp * K.block(b * S, kv * dh, S, dh);
+      dK.block(b * S, kv * dh, S, dh).noalias() += scale * dp.transpose() * q.block(b * T, h * dh, T, dh);
     }
   });
 }
