@@ -177,15 +177,19 @@ TEST(LmMethods, BadSettingsAreRefusedAndChangeNothing) {
 
   // A prefix takes positions: p + T must fit max_position_embeddings (64).
   model.add_prefix(prefix(10));
-  EXPECT_LORA_ERROR(model.forward(Ids::Zero(1, 60)), "sequences of 70 tokens, longer than max_position_embeddings 64");
-  EXPECT_LORA_ERROR(model.forward_train(Ids::Zero(1, 60)), "sequences of 70 tokens, longer than max_position_embeddings 64");
+  EXPECT_LORA_ERROR(model.forward(Ids::Zero(1, 60)), "forward: a prefix of 10 positions and 60 tokens exceed max_position_embeddings 64");
+  EXPECT_LORA_ERROR(model.forward_train(Ids::Zero(1, 60)), "a prefix of 10 positions and 60 tokens exceed max_position_embeddings 64");
+  auto cache = model.make_cache(1, 60);
+  EXPECT_LORA_ERROR(model.forward(Ids::Zero(1, 55), {}, &cache), "a prefix of 10 positions and 55 tokens exceed max_position_embeddings 64");
+  EXPECT_EQ(cache.length, 10);
+  EXPECT_NO_THROW(model.forward(Ids::Zero(1, 54), {}, &cache));
   EXPECT_LORA_ERROR(model.add_prefix(prefix(2)), "the model has a prefix already");
   lc.heads = 2;
   lc.reduction = 4;
   EXPECT_LORA_ERROR(model.add_ladder(lc), "a side network trains alone");
   // A cache made before the methods changed is refused.
   Model plain(kLlama);
-  auto cache = plain.make_cache(1, 4);
+  cache = plain.make_cache(1, 4);
   plain.add_bottlenecks(bottleneck(2));
   EXPECT_NO_THROW(plain.forward(Ids::Zero(1, 1), {}, &cache));  // bottlenecks need nothing cached
   plain.add_prefix(prefix(2));

@@ -33,6 +33,7 @@
 #include "idx.hpp"
 #include "resume.hpp"
 #include "../common/heap_count.hpp"
+#include "../common/latency.hpp"
 #include "../common/json_files.hpp"
 #include "../common/ranks.hpp"
 #include "../common/report.hpp"
@@ -115,28 +116,16 @@ Score evaluate(const Model& m, const Data& d) {
   return s;
 }
 
-// Inference latency per image at batch 1, in µs, of m and of the base model, measured image by
-// image in turn (so both see the same machine; which goes first alternates): each the best of
-// `passes` passes over the first `count` images.
+// Inference latency per image at batch 1, in µs, of m and of the base model, image by image in
+// turn (paired_latency): each the best of `passes` passes over the first `count` images.
 struct Latency {
   double us, base_us;
 };
 Latency latency(const Model& m, const Model& base, const Data& d, lora::Index count, int passes) {
-  using clock = std::chrono::steady_clock;
-  double best[2] = {1e300, 1e300}, sink = 0;
-  for (int pass = 0; pass < passes; ++pass) {
-    double total[2] = {0, 0};
-    for (lora::Index i = 0; i < count; ++i)
-      for (int k = 0; k < 2; ++k) {
-        const int which = int((i + pass + k) % 2);
-        const auto start = clock::now();
-        sink += double((which == 0 ? m : base).forward(d.images.row(i))(0, 0));
-        total[which] += std::chrono::duration<double>(clock::now() - start).count();
-      }
-    for (int w = 0; w < 2; ++w) best[w] = std::min(best[w], total[w]);
-  }
-  if (!(sink == sink)) lora::detail::fail("latency: the logits are not finite");  // also keeps the forwards
-  return {1e6 * best[0] / double(count), 1e6 * best[1] / double(count)};
+  const demo::Latency l = demo::paired_latency(long(count), passes, [&](int which, long i) {
+    return double((which == 0 ? m : base).forward(d.images.row(i))(0, 0));
+  });
+  return {1e6 * l.seconds, 1e6 * l.base_seconds};
 }
 
 std::string decimals(double v, int digits) {

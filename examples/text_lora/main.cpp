@@ -1,8 +1,10 @@
 // text_lora: a byte-level Llama pre-trained in C++ on English fortune cookies, then adapted to
-// German (or Spanish) ones three ways: LoRA on q_proj and v_proj, LoRA on every linear, and full
-// fine-tuning. Held-out bits per byte before and after, trainable parameters, peak memory,
-// training tokens/s and generated samples for each; OUT/results.csv, OUT/curves.svg, the
-// adapters as PEFT directories, the fine-tuned model as a Hugging Face checkpoint.
+// German (or Spanish) ones six ways (methods.hpp): LoRA on q_proj and v_proj, LoRA on every
+// linear, full fine-tuning, adapter-tuning, prefix-tuning and ladder side-tuning. Held-out bits per
+// byte before and after, trainable parameters, training memory (the heap's peak, counted:
+// heap_count.hpp), training tokens/s, inference latency per example against the base model's and
+// generated samples for each; OUT/results.csv, OUT/curves.svg, the adapters as PEFT directories,
+// the fine-tuned model as a Hugging Face checkpoint, the other methods' tensors as safetensors.
 //
 //   text_lora [--quick] [--out DIR] [--threads N] [--seed S] [--data DIR] [--target de|es]
 //             [--pretrain-steps N] [--steps N] [--checkpoint-every N] [--max-steps N] [--resume DIR]
@@ -26,9 +28,11 @@
 #include <lora/training_checkpoint.hpp>
 #include <lora/version.hpp>
 
+#include "../common/heap_count.hpp"
 #include "../common/ranks.hpp"
 #include "../common/report.hpp"
 #include "corpus.hpp"
+#include "methods.hpp"
 #include "resume.hpp"
 
 #include <cmath>
@@ -43,7 +47,6 @@
 
 namespace fs = std::filesystem;
 using namespace text_lora;
-using Model = lora::LlamaModel<float>;
 
 namespace {
 
@@ -102,19 +105,8 @@ std::string config_json(const Settings& s) {
 }
 )",
                 static_cast<long long>(kVocab), s.d, s.ff, s.layers, s.heads, s.kv_heads, s.d / s.heads,
-                static_cast<long long>(s.T), static_cast<long long>(kBos), static_cast<long long>(kEos));
+                static_cast<long long>(2 * s.T), static_cast<long long>(kBos), static_cast<long long>(kEos));
   return buf;
-}
-
-// Peak resident memory since the last reset_peak (Linux: VmHWM, reset through clear_refs).
-void reset_peak() { std::ofstream("/proc/self/clear_refs") << "5"; }
-double peak_mib() {
-  std::ifstream in("/proc/self/status");
-  std::string key;
-  double kb = 0;
-  while (in >> key)
-    if (key == "VmHWM:") in >> kb;
-  return kb / 1024;
 }
 
 // Mean bits per predicted token of the windows (rows of ids), batch rows at a time.
@@ -216,13 +208,16 @@ void train(Model& model, const Settings& s, const std::vector<std::int64_t>& str
     }
     if ((step + 1) % eval_every == 0 || step + 1 == steps) {
       if (run.held.x.back() != double(step + 1)) {
+        run.heap_peak = std::max(run.heap_peak, double(demo::heap::peak()));  // the training's peak, not evaluation's
         run.held.x.push_back(double(step + 1));
         run.held.y.push_back(bits_per_byte(model, held, s.batch));
+        demo::heap::reset_peak();
       }
     }
     bar.update(step + 1, loss / std::log(2.0));
     if (res.every && (step + 1) % res.every == 0 && step + 1 < steps) checkpoint();
   }
+  run.heap_peak = std::max(run.heap_peak, double(demo::heap::peak()));
   run.seconds = seconds + bar.finish();
   run.tokens_per_s = double(steps) * double(s.batch * s.T) / train_seconds;
   if (ranks.size() > 1) {
@@ -367,16 +362,9 @@ int main(int argc, char** argv) try {
   ranks.barrier();
   std::vector<Run> runs;
   bool ok = true;
-  struct Method {
-    std::string name, key;
-    std::vector<std::string> targets;  // empty: full fine-tuning
-    double lr;
-  };
-  const std::vector<Method> methods = {
-      {"LoRA q,v (r 8)", "lora_qv", {"q_proj", "v_proj"}, 4e-3},
-      {"LoRA all linears (r 8)", "lora_all", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, 4e-3},
-      {"full fine-tuning", "full", {}, 1e-3},
-  };
+  const std::vector<Method> methods = all_methods();
+  const Eigen::Index latency_windows = s.quick ? 4 : 16;
+  const int latency_passes = s.quick ? 2 : 5;
   std::ofstream samples;
   try {
     pretrain(s, english, english_held, pretrained, checkpoints, res, ranks);
@@ -397,40 +385,42 @@ int main(int argc, char** argv) try {
         run = run_from_json(read_json(phase + "/done.json"), phase + "/done.json");
         res.taken += s.steps;
       } else {
-        reset_peak();
-        lora::PeftConfig peft;
-        peft.r = 8;
-        peft.lora_alpha = 16;
-        peft.target_modules = m.targets;
-        peft.raw["task_type"] = "CAUSAL_LM";
-        peft.raw["base_model_name_or_path"] = fs::absolute(pretrained).string();
-        lora::LoraConfig base_config;
-        base_config.seed = s.seed;
-        const bool full = m.targets.empty();
-        const std::string resumed = lora::latest_training_checkpoint(phase);
-        Model model = full && !resumed.empty() ? Model(resumed) : Model(pretrained, full ? nullptr : &peft, base_config);
-        if (full) model.set_base_trainable(true);
-        if (!full && !resumed.empty()) model.load_adapter(resumed);
+        // The heap from here on is the method's: its model, gradients, optimizer state, activations.
+        const double heap_before = double(demo::heap::live());
+        demo::heap::reset_peak();
+        MethodModel made(m, pretrained, s.seed, lora::latest_training_checkpoint(phase));
+        Model& model = made.model();
         run.name = m.name;
         run.key = m.key;
         run.trainable = long(model.trainable_parameters());
         run.before = base_target;
-        const auto write_model = [&](const std::string& d) { full ? model.save_pretrained(d) : model.save_adapter(d, peft); };
-        train(model, s, target.train, target_held, m.lr, s.steps, run, phase, write_model, res, ranks);
+        train(model, s, target.train, target_held, m.lr, s.steps, run, phase, [&](const std::string& d) { made.write(d); }, res,
+              ranks);
+        run.heap_mib = (run.heap_peak - heap_before) / (1024.0 * 1024.0);
         run.english = bits_per_byte(model, english_held, s.batch);
-        run.peak = peak_mib();
         run.text = sample(model, s, s.seed);
-        if (full) {
-          if (ranks.writer()) model.save_pretrained(s.out + "/" + m.key);
-        } else {
-          if (ranks.writer()) lora::save_adapter(s.out + "/adapter_" + m.key, model.modules(), peft);
-          const lora::Mat<float> unmerged = model.forward(target_held.topRows(1));
+        const lora::Mat<float> trained = model.forward(target_held.topRows(1));
+        auto agrees = [&](const char* what) {  // after a merge or a fold: the same logits
+          const double diff = (model.forward(target_held.topRows(1)) - trained).cwiseAbs().maxCoeff();
+          if (diff > 1e-3) std::printf("  %s: the logits moved by %.2e\n", what, diff);
+          return diff <= 1e-3;
+        };
+        if (m.kind == Kind::prefix) {
+          model.methods().fold_prefix();  // the MLP goes; the keys and values stay
+          run.merge_ok = agrees("prefix MLP folded away");
+        }
+        const Latency plain = latency(model, base, target_held, latency_windows, latency_passes);
+        run.latency_ms = plain.ms;
+        run.latency_ratio = plain.ms / plain.base_ms;
+        if (ranks.writer()) made.write(s.out + "/" + (m.kind == Kind::lora ? "adapter_" : "") + m.key);
+        if (m.kind == Kind::lora) {
           model.modules().merge();
-          const double diff = (model.forward(target_held.topRows(1)) - unmerged).cwiseAbs().maxCoeff();
-          if (diff > 1e-3) {
-            std::printf("  merged and unmerged logits differ by %.2e\n", diff);
-            run.merge_ok = false;
-          }
+          run.merge_ok = agrees("merged");
+          run.unmerged_latency_ms = run.latency_ms;
+          run.unmerged_latency_ratio = run.latency_ratio;
+          const Latency merged = latency(model, base, target_held, latency_windows, latency_passes);
+          run.latency_ms = merged.ms;
+          run.latency_ratio = merged.ms / merged.base_ms;
         }
         if (ranks.writer()) {
           write_json(phase + "/done.json", to_json(run));
@@ -439,9 +429,13 @@ int main(int argc, char** argv) try {
         ranks.barrier();
       }
       samples << "== " << m.name << "\n" << run.text << "\n";
-      std::printf("%-24s %9ld trainable  %s %.3f -> %.3f bits/byte, English %.3f  %7.0f tokens/s  peak %.0f MiB  %.0f s\n",
-                  m.name.c_str(), run.trainable, s.target.c_str(), run.before, run.after, run.english, run.tokens_per_s, run.peak,
+      std::printf("%-26s %7ld trainable  %s %.3f -> %.3f bits/byte, English %.3f  %6.0f tokens/s  heap %.1f MiB  %.0f s\n",
+                  m.name.c_str(), run.trainable, s.target.c_str(), run.before, run.after, run.english, run.tokens_per_s, run.heap_mib,
                   run.seconds);
+      std::printf("  latency per example (%lld bytes, batch 1): %.3f ms, %+.1f %% against the base model",
+                  static_cast<long long>(s.T), run.latency_ms, 100 * (run.latency_ratio - 1));
+      if (run.unmerged_latency_ms > 0) std::printf(" (merged; unmerged %.3f ms, %+.1f %%)", run.unmerged_latency_ms, 100 * (run.unmerged_latency_ratio - 1));
+      std::printf("\n");
       std::printf("  sample: %s\n", run.text.c_str());
       ok = ok && run.merge_ok && run.after < run.before;
       runs.push_back(run);
@@ -453,12 +447,15 @@ int main(int argc, char** argv) try {
   if (!ranks.writer()) return 0;  // the rest reads rank 0's adapters and writes its files
 
   std::ofstream csv(s.out + "/results.csv");
-  csv << "method,step,heldout_bits_per_byte,trainable_parameters,tokens_per_s,peak_mib,english_bits_per_byte\n";
+  csv << "method,step,heldout_bits_per_byte,trainable_parameters,english_bits_per_byte,tokens_per_s,heap_mib,latency_ms,"
+         "latency_vs_base,unmerged_latency_ms\n";
   Panel loss{"training loss (" + s.target + ")", "bits per byte", {}}, held{"held-out (" + s.target + ")", "bits per byte", {}};
   for (Run& r : runs) {
     for (std::size_t i = 0; i < r.held.x.size(); ++i)
-      csv << r.key << "," << r.held.x[i] << "," << r.held.y[i] << "," << r.trainable << "," << r.tokens_per_s << "," << r.peak << ","
-          << (i + 1 == r.held.x.size() ? std::to_string(r.english) : "") << "\n";
+      csv << r.key << "," << r.held.x[i] << "," << r.held.y[i] << "," << r.trainable << ","
+          << (i + 1 == r.held.x.size() ? std::to_string(r.english) : "") << "," << r.tokens_per_s << "," << r.heap_mib << ","
+          << r.latency_ms << "," << r.latency_ratio << "," << (r.unmerged_latency_ms > 0 ? std::to_string(r.unmerged_latency_ms) : "")
+          << "\n";
     r.train.name = r.held.name = r.name;
     loss.curves.push_back(r.train);
     held.curves.push_back(r.held);
@@ -491,9 +488,10 @@ int main(int argc, char** argv) try {
       samples << "== mixed batch, " << g.adapters[i] << "\n" << text << "\n";
     }
   }
-  std::printf("wrote %s/results.csv, curves.svg, samples.txt, adapter_lora_qv/, adapter_lora_all/, full/\n", s.out.c_str());
+  std::printf("wrote %s/results.csv, curves.svg, samples.txt, adapter_lora_qv/, adapter_lora_all/, full/, adapter_tuning/, "
+              "prefix_tuning/, ladder/\n", s.out.c_str());
   if (!ok) {
-    std::printf("text_lora: FAILED (a method did not lower the held-out bits per byte, or merging changed the logits)\n");
+    std::printf("text_lora: FAILED (a method did not lower the held-out bits per byte, or merging or folding changed the logits)\n");
     return 1;
   }
   std::printf("text_lora: ok\n");

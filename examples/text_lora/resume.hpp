@@ -2,7 +2,7 @@
 // training checkpoints (lora/training_checkpoint.hpp).
 //
 //   OUT/run.json                    the settings that decide the results; --resume refuses others
-//   OUT/checkpoints/<phase>/        phase: pretrain, lora_qv, lora_all, full
+//   OUT/checkpoints/<phase>/        phase: pretrain, then each method's key (methods.hpp)
 //     checkpoint-N/                 the model's trainable state after N steps of the phase, the
 //                                   optimizer's, and progress: the data stream, the curves so far
 //     done.json                     the finished phase's results (Run), so a resume skips it
@@ -34,15 +34,19 @@ using demo::write_json;
 struct Run {
   std::string name, key;
   long trainable = 0;
-  double seconds = 0, tokens_per_s = 0, peak = 0, before = 0, after = 0, english = 0;
+  double seconds = 0, tokens_per_s = 0, before = 0, after = 0, english = 0;
+  double heap_peak = 0, heap_mib = 0;  // the heap's peak in training (bytes), and above the heap before the method (MiB)
+  double latency_ms = 0, latency_ratio = 0;                     // per example at batch 1; against the base model
+  double unmerged_latency_ms = 0, unmerged_latency_ratio = 0;  // LoRA's before merging (latency_*: merged)
   Curve train{"", {}, {}}, held{"", {}, {}};
   std::string text;
-  bool merge_ok = true;  // LoRA: merged and unmerged logits agree
+  bool merge_ok = true;  // LoRA: merged and unmerged logits agree; prefix-tuning: folded and not
 };
 
 inline nlohmann::json to_json(const Run& r) {
   return {{"name", r.name}, {"key", r.key}, {"trainable", r.trainable}, {"seconds", r.seconds}, {"tokens_per_s", r.tokens_per_s},
-          {"peak", r.peak}, {"before", r.before}, {"after", r.after}, {"english", r.english}, {"train_x", r.train.x},
+          {"heap_mib", r.heap_mib}, {"latency_ms", r.latency_ms}, {"latency_ratio", r.latency_ratio},
+          {"unmerged_latency_ms", r.unmerged_latency_ms}, {"unmerged_latency_ratio", r.unmerged_latency_ratio}, {"before", r.before}, {"after", r.after}, {"english", r.english}, {"train_x", r.train.x},
           {"train_y", r.train.y}, {"held_x", r.held.x}, {"held_y", r.held.y}, {"text", r.text}, {"merge_ok", r.merge_ok}};
 }
 
@@ -54,7 +58,11 @@ inline Run run_from_json(const nlohmann::json& j, const std::string& label) {
     r.trainable = j.at("trainable");
     r.seconds = j.at("seconds");
     r.tokens_per_s = j.at("tokens_per_s");
-    r.peak = j.at("peak");
+    r.heap_mib = j.at("heap_mib");
+    r.latency_ms = j.at("latency_ms");
+    r.latency_ratio = j.at("latency_ratio");
+    r.unmerged_latency_ms = j.at("unmerged_latency_ms");
+    r.unmerged_latency_ratio = j.at("unmerged_latency_ratio");
     r.before = j.at("before");
     r.after = j.at("after");
     r.english = j.at("english");

@@ -186,6 +186,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
   Mat forward_train(const lora::Mat<std::int64_t>& ids, const lora::Mat<std::int64_t>& attention_mask = {}) {
     const LmConfig& c = config_;
     const Index batch = ids.rows(), T = ids.cols(), p = methods_.prefix_length(), w = Index(c.num_key_value_heads) * c.head_dim;
+    check_prefix_fits("LlamaModel::forward_train", p, T);
     check_token_ids("LlamaModel::forward_train", ids, attention_mask, c.vocab_size, c.max_position_embeddings, p);
     Train& tr = train_;
     tr.valid = tr.ladder = false;
@@ -423,6 +424,14 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     return logits;
   }
 
+  // A prefix takes positions: with past keys (the prefix's among them) and T new tokens.
+  void check_prefix_fits(const char* fn, Index past, Index T) const {
+    const Index p = methods_.prefix_length();
+    if (p && past + T > config_.max_position_embeddings)
+      detail::fail(fn, ": a prefix of ", p, " positions and ", past - p + T, " tokens exceed max_position_embeddings ",
+                   config_.max_position_embeddings);
+  }
+
   // The side network's attention: causal, the padding's keys hidden (mask (batch, S), 1 = token).
   static AttentionMask<Scalar> side_mask(const lora::Mat<std::int64_t>& mask) {
     AttentionMask<Scalar> m;
@@ -444,6 +453,7 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
       detail::fail(fn, ": the cache was made for another set of methods (a prefix of ", cache->prefix, " positions, ",
                    cache->taps.size(), " ladder taps; the model has ", p, " and ", ladder ? layers_.size() + 1 : 0, "): make_cache again");
     const Index past = cache ? cache->length : p;  // keys before the new tokens': cached ones (the prefix among them) or the prefix
+    check_prefix_fits(fn, past, T);
     check_token_ids(fn, ids, attention_mask, c.vocab_size, c.max_position_embeddings, past);
     row_names = adapter_rows(fn, adapters, ids.rows(), ids.cols(), modules_);
     const std::vector<std::string>* rows = adapters ? &row_names : nullptr;
