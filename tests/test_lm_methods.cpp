@@ -92,6 +92,26 @@ TEST(LmMethods, ReparameterisedPrefixGradientsMatchAndFold) {
   check_incremental(model);
 }
 
+// LoRA on every linear (the tiny checkpoint's adapter), a prefix and bottlenecks train together:
+// every LoRA factor's and every method's gradient matches; merging the LoRA layers leaves the
+// logits (the prefix and bottlenecks stay as they are).
+TEST(LmMethods, LoraPrefixAndBottlenecksTrainTogether) {
+  const auto peft = lora::PeftConfig::read(kLlama + "/adapter/adapter_config.json");
+  Model model(kLlama, &peft);
+  lora::load_adapter(kLlama + "/adapter", model.modules());
+  model.add_prefix(prefix(2));
+  model.add_bottlenecks(bottleneck(2), false, true);
+  randomise(model, 50);
+  const lora::Index lora_count = model.modules().trainable_parameters();
+  EXPECT_GT(lora_count, 0);
+  EXPECT_EQ(check_gradients(model), lora_count + 2 * 2 * 2 * 16 + 2 * (2 * 32 + 2 + 32 * 2 + 32));
+  const lm_test::Batch b = lm_test::padded_batch();
+  const lora::Mat<double> unmerged = model.forward(b.ids, b.mask);
+  model.modules().merge();
+  EXPECT_LE((model.forward(b.ids, b.mask) - unmerged).cwiseAbs().maxCoeff(), 1e-12);
+  check_incremental(model);
+}
+
 // A ladder side network: a new one leaves the logits as they are; its gradients match without
 // any backward through the layers; decoding with a cache (taps cached, the side network run over
 // every token so far) equals the full forward; generation runs.

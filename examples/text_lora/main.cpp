@@ -1,6 +1,6 @@
 // text_lora: a byte-level Llama pre-trained in C++ on English fortune cookies, then adapted to
-// German (or Spanish) ones six ways (methods.hpp): LoRA on q_proj and v_proj, LoRA on every
-// linear, full fine-tuning, adapter-tuning, prefix-tuning and ladder side-tuning. Held-out bits per
+// German (or Spanish) ones seven ways (methods.hpp): the head alone, LoRA on q_proj and v_proj,
+// LoRA on every linear, full fine-tuning, adapter-tuning, prefix-tuning and ladder side-tuning. Held-out bits per
 // byte before and after, trainable parameters, training memory (the heap's peak, counted:
 // heap_count.hpp), training tokens/s, inference latency per example against the base model's and
 // generated samples for each; OUT/results.csv, OUT/curves.svg, the adapters as PEFT directories,
@@ -465,7 +465,8 @@ int main(int argc, char** argv) try {
   // sequences use the base, the q,v adapter and the all-linears adapter, in one unmerged pass.
   {
     lora::PeftConfig all;
-    all.target_modules = methods[1].targets;
+    for (const Method& m : methods)
+      if (m.key == "lora_all") all.target_modules = m.targets;
     Model served(pretrained, &all);
     for (const char* key : {"lora_qv", "lora_all"}) {
       lora::LoadOptions o;
@@ -488,8 +489,8 @@ int main(int argc, char** argv) try {
       samples << "== mixed batch, " << g.adapters[i] << "\n" << text << "\n";
     }
   }
-  std::printf("wrote %s/results.csv, curves.svg, samples.txt, adapter_lora_qv/, adapter_lora_all/, full/, adapter_tuning/, "
-              "prefix_tuning/, ladder/\n", s.out.c_str());
+  std::printf("wrote %s/results.csv, curves.svg, samples.txt, head_only/, adapter_lora_qv/, adapter_lora_all/, full/, "
+              "adapter_tuning/, prefix_tuning/, ladder/\n", s.out.c_str());
   if (!ok) {
     std::printf("text_lora: FAILED (a method did not lower the held-out bits per byte, or merging or folding changed the logits)\n");
     return 1;

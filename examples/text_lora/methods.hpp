@@ -1,7 +1,8 @@
-// text_lora's methods: LoRA (q,v; every linear), full fine-tuning, and the three the LoRA article
-// weighs LoRA against (lora/models/lm_methods.hpp), each made from the pre-trained checkpoint with
+// text_lora's methods: the head alone, LoRA (q,v; every linear), full fine-tuning, and the three
+// the LoRA article weighs LoRA against (lora/models/lm_methods.hpp), each made from the pre-trained checkpoint with
 // what it trains, saved and restored by one writer (checkpoints and the final output alike).
 //
+//   head alone               the tied embedding (the head)              Hugging Face checkpoint
 //   LoRA q,v / all linears   r 8, alpha 16 on the named linears         PEFT adapter directory
 //   full fine-tuning         every weight                               Hugging Face checkpoint
 //   adapter-tuning           bottlenecks of 8 after the attention and the MLP of every layer
@@ -29,7 +30,7 @@ namespace text_lora {
 
 using Model = lora::LlamaModel<float>;
 
-enum class Kind { lora, full, adapter, prefix, ladder };
+enum class Kind { head, lora, full, adapter, prefix, ladder };
 
 struct Method {
   std::string name, key;
@@ -40,6 +41,7 @@ struct Method {
 
 inline std::vector<Method> all_methods() {
   return {
+      {"head alone (tied embedding)", "head_only", Kind::head, {}, 4e-3},
       {"LoRA q,v (r 8)", "lora_qv", Kind::lora, {"q_proj", "v_proj"}, 4e-3},
       {"LoRA all linears (r 8)", "lora_all", Kind::lora, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, 4e-3},
       {"full fine-tuning", "full", Kind::full, {}, 1e-3},
@@ -63,6 +65,7 @@ class MethodModel {
   void write(const std::string& dir) {
     switch (method_.kind) {
       case Kind::lora: return model_.save_adapter(dir, peft_);
+      case Kind::head:
       case Kind::full: return model_.save_pretrained(dir);
       default:
         std::filesystem::create_directories(dir);
@@ -73,9 +76,12 @@ class MethodModel {
  private:
   static Model make(const Method& m, const std::string& pretrained, std::uint64_t seed, const std::string& resumed,
                     lora::PeftConfig& peft) {
-    if (m.kind == Kind::full) {
+    if (m.kind == Kind::full || m.kind == Kind::head) {
       Model model(resumed.empty() ? pretrained : resumed);
-      model.set_base_trainable(true);
+      if (m.kind == Kind::full)
+        model.set_base_trainable(true);
+      else
+        model.set_trainable({"embed_tokens"});  // tied: the head is the embedding
       return model;
     }
     if (m.kind == Kind::lora) {

@@ -20,7 +20,7 @@ csv_lines(${REF}/results.csv "${timing}" "\\1" want)
 if(NOT got STREQUAL want)
   message(FATAL_ERROR "results.csv differs from the uninterrupted run's:\n${got}\n---\n${want}")
 endif()
-foreach(f samples.txt pretrained/model.safetensors adapter_lora_qv/adapter_model.safetensors
+foreach(f samples.txt pretrained/model.safetensors head_only/model.safetensors adapter_lora_qv/adapter_model.safetensors
           adapter_lora_all/adapter_model.safetensors full/model.safetensors adapter_tuning/methods.safetensors
           prefix_tuning/methods.safetensors ladder/methods.safetensors)
   execute_process(COMMAND ${CMAKE_COMMAND} -E compare_files ${OUT}/${f} ${REF}/${f} RESULT_VARIABLE rc)
