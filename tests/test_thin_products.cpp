@@ -1,7 +1,7 @@
 // The thin-product kernels (detail/thin_products.hpp) and few_rows (detail/few_rows.hpp) against
-// a plain triple loop in long double, over ranks that take each kernel (1, 2, 4 packets; up to 16
-// rows of C) and the fallback, row counts around the kernels' blocks and tiles, strided operands,
-// β = 0 and 1, and work large enough to split over threads.
+// a plain triple loop in long double, over ranks that take each kernel (half a packet; 1, 2, 4
+// packets; up to 16 rows of C) and the fallback, row counts around the kernels' blocks and tiles,
+// strided operands, β = 0 and 1, and work large enough to split over threads.
 #include <lora/detail/few_rows.hpp>
 #include <lora/detail/thin_products.hpp>
 
@@ -54,7 +54,7 @@ double rel_err(const lora::Mat<S>& got, const Exact& want) {
 template <class S>
 void check_all(double tol) {
   const S alpha = S(0.75);
-  for (Index r : {1, 2, 3, 4, 8, 12, 16, 24, 32})
+  for (Index r : {1, 2, 3, 4, 8, 12, 16, 24, 32, 64})
     for (Index n : {0, 1, 7, 8, 9, 17, 40})
       for (Index K : {1, 5, 131}) {
         SCOPED_TRACE(testing::Message() << "r " << r << " n " << n << " K " << K);

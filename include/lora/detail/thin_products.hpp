@@ -1,11 +1,18 @@
-// The LoRA factors' thin products, where one side has rank r (8 or 16), in register-blocked
+// The LoRA factors' thin products, where one side has rank r (8 to 64), in register-blocked
 // kernels instead of a general GEMM.
 //
 //   rank_cols:  C (n, r) = α·L (n, K)·R (K, r)             t = x·Aᵀ (R = Aᵀ, copied), g = s·dy·B (R = B)
 //   rank_rows:  C (r, N) = β·C + α·Lᵀ (r, n)·R (n, N)      dBᵀ = s·tᵀ·dy, dA += gᵀ·x
 //
-// rank_cols keeps a row's r outputs in one to four SIMD registers and runs 8, 4 or 2 rows at once:
-// per k, one load of R's row, a broadcast of each row's L(i, k), a fused multiply-add each.
+// rank_cols keeps a row's r outputs in one, two or four SIMD registers (or one half-width
+// register: r 8 with AVX-512's 16 floats) and runs several rows at once, as many as leave
+// registers for R's row: per k, one load of R's row, a broadcast of each row's L(i, k), a fused
+// multiply-add each. With 32 registers (AVX-512) that is 8 rows of 1 or 2 packets and 6 rows of 4
+// (24 accumulators); with 16 (AVX2), 8, 4 and 2 rows. More rows than 8 read L through more
+// streams than the caches keep (n 512, K 1024, r 16: 154 µs with 8 rows, 234 with 12, 373 with
+// 16). Against OpenBLAS's sgemm, one thread, float, AVX-512 (n 2048, K 1024): r 8 (half packets)
+// 421 µs against 736, r 16 640 / 1262, r 32 1347 / 1823, r 64 2766 / 3672 (with 2 rows of 4
+// packets, the AVX2 blocking, r 64 ran at 3470: no faster than the GEMM).
 // rank_rows keeps up to 8 rows of C, one packet of columns wide, in registers and walks n in
 // blocks of 16 rows, every packet of columns per block, prefetching the next block's lines
 // meanwhile: R's rows are read across, a packet at a time, which the hardware's prefetchers do not
@@ -14,10 +21,10 @@
 // or OpenBLAS's) packs both into panels sized for wide products and blocks the result 3 packets
 // wide; with r = 8 it ran these at a third to a half of the speed (n 2048, d 128, r 8, float, one
 // thread, AVX2: x·Aᵀ 138 µs in OpenBLAS, 118 in Eigen, 58 here; s·dy·B 138 / 122 / 89; s·tᵀ·dy
-// 142 / 101 / 86; gᵀ·x 143 / 99 / 82). Other shapes (r not 1, 2 or 4 packets; r > 16 in
-// rank_rows; other scalars) go to the general product. Both split their work over the threads when
-// it is large and no parallel region is open. Results differ from the GEMM's only in summation
-// order.
+// 142 / 101 / 86; gᵀ·x 143 / 99 / 82). Other shapes (r not a half packet or 1, 2 or 4 packets;
+// r > 16 in rank_rows; other scalars) go to the general product. Both split their work over the
+// threads when it is large and no parallel region is open. Results differ from the GEMM's only in
+// summation order.
 #pragma once
 
 #include <lora/types.hpp>
@@ -34,12 +41,21 @@ namespace ei = Eigen::internal;
 template <class S>
 constexpr bool simd = std::is_same_v<S, float> || std::is_same_v<S, double>;
 
-// Rows [i0, i1) of C = α·L·R; R (K, RP packets) row-major, contiguous.
-template <class S, int RP>
+// A value of S's SIMD packet or of its half-width one; as a function, not a class template, so
+// that the packet type's attributes are not dropped from a template argument (GCC's warning).
+template <class S, bool Half>
+auto packet() {
+  if constexpr (Half) return typename ei::packet_traits<S>::half{};
+  else return typename ei::packet_traits<S>::type{};
+}
+
+// Rows [i0, i1) of C = α·L·R; R (K, RP packets) row-major, contiguous; half-width packets if Half.
+template <class S, bool Half, int RP>
 void cols_kernel(Index i0, Index i1, Index K, S alpha, const S* L, Index ldl, const S* R, S* C, Index ldc) {
-  using P = typename ei::packet_traits<S>::type;
-  constexpr int PS = ei::packet_traits<S>::size;
-  constexpr int ROWS = RP == 1 ? 8 : RP == 2 ? 4 : 2;  // ROWS·RP accumulators: 8 of 16 registers
+  using P = decltype(packet<S, Half>());
+  constexpr int PS = int(sizeof(P) / sizeof(S));
+  constexpr bool many = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
+  constexpr int ROWS = RP == 1 ? 8 : RP == 2 ? (many ? 8 : 4) : (many ? 6 : 2);  // ROWS·RP accumulators
   constexpr Index r = Index(RP) * PS;
   const P a = ei::pset1<P>(alpha);
   Index i = i0;
@@ -147,18 +163,19 @@ template <class S>
 void rank_cols(Mat<S>& C, S alpha, const MatRef<S>& L, const Mat<S>& R) {
   const Index n = L.rows(), K = L.cols(), r = R.cols();
   if constexpr (thin::simd<S>) {
-    constexpr Index PS = Eigen::internal::packet_traits<S>::size;
+    constexpr Index PS = sizeof(thin::packet<S, false>()) / sizeof(S), HS = sizeof(thin::packet<S, true>()) / sizeof(S);
     const Index rp = r % PS == 0 ? r / PS : 0;
-    if (rp == 1 || rp == 2 || rp == 4) {
+    if (rp == 1 || rp == 2 || rp == 4 || (HS < PS && r == HS)) {
       C.resize(n, r);
       const auto run = [&](auto kernel) {
         thin::split(n, 8, double(n) * K * r, [&](Index b, Index e) {
           kernel(b, e, K, alpha, L.data(), L.outerStride(), R.data(), C.data(), r);
         });
       };
-      if (rp == 1) run(thin::cols_kernel<S, 1>);
-      else if (rp == 2) run(thin::cols_kernel<S, 2>);
-      else run(thin::cols_kernel<S, 4>);
+      if (rp == 1) run(thin::cols_kernel<S, false, 1>);
+      else if (rp == 2) run(thin::cols_kernel<S, false, 2>);
+      else if (rp == 4) run(thin::cols_kernel<S, false, 4>);
+      else run(thin::cols_kernel<S, true, 1>);
       return;
     }
   }

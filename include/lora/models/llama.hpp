@@ -194,7 +194,8 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     tr.T = T;
     tr.ids = ids;
     if (methods_.ladder()) return forward_train_ladder(ids, attention_mask);
-    const std::vector<std::int64_t> after_prefix(static_cast<std::size_t>(batch), static_cast<std::int64_t>(p));
+    std::vector<std::int64_t> after_prefix;  // each sequence's first position, after the prefix
+    if (p) after_prefix.assign(static_cast<std::size_t>(batch), static_cast<std::int64_t>(p));
     rope_tables(token_positions(batch, T, attention_mask, p ? &after_prefix : nullptr), tr.cos, tr.sin);
     const lora::Mat<std::int64_t> key_mask = p ? LmMethods<Scalar>::prefix_mask(p, attention_mask, batch, T) : attention_mask;
     // The linears borrow their inputs (a₁, o, a₂, act), which stay in the layer's cache until
@@ -460,7 +461,8 @@ class LlamaModel : public TrainableModules<LlamaModel<Scalar>, Scalar> {
     const lora::Mat<std::int64_t> key_mask =
         cache || !p ? begin_cached_forward(fn, cache, ids, attention_mask, int(layers_.size()))
                     : LmMethods<Scalar>::prefix_mask(p, attention_mask, batch, T);
-    const std::vector<std::int64_t> after_prefix(static_cast<std::size_t>(batch), static_cast<std::int64_t>(p));
+    std::vector<std::int64_t> after_prefix;  // each sequence's first position, after the prefix
+    if (p) after_prefix.assign(static_cast<std::size_t>(batch), static_cast<std::int64_t>(p));
     const lora::Mat<std::int64_t> pos = token_positions(batch, T, attention_mask, cache ? &cache->real : p ? &after_prefix : nullptr);
     Mat h(batch * T, c.hidden_size), a, q, k, v, o, g, u, y, cos, sin, K, V, work;
     for (Index b = 0; b < batch; ++b)

@@ -151,11 +151,11 @@ class LmMethods {
     if (ladder_) add("ladder.", ladder_->parameters());
   }
   void zero_grad() {
-    for (Layer& L : layers_)
+    for (Layer& L : layers_) {
       for (auto* b : {L.after_attention.get(), L.after_mlp.get()})
         if (b) b->zero_grad();
-    for (Layer& L : layers_)
       if (L.prefix) L.prefix->zero_grad();
+    }
     if (ladder_) ladder_->zero_grad();
   }
   Index parameter_count() const {
