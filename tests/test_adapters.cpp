@@ -84,6 +84,39 @@ TEST(Adapters, AddKeepsTheActiveSetAndSelectingSums) {
   EXPECT_TRUE(same_bytes(layer.weight(), W));  // selecting never touches W
 }
 
+// Above few_rows' 8 rows the layer runs the LoRA products first (y = b + Σ s·t·Bᵀ) and the base
+// product into y after them: with and without a bias, one or two adapters, one of them merged,
+// below and above the 16 rows of the thin kernels, in forward and forward_train.
+TEST(Adapters, ManyRowsWithTheLoraProductsFirstMatchTheReference) {
+  const MatD W = random_normal(5, 6, 1);
+  const VecD bias = random_normal(5, 1, 3).col(0);
+  for (const bool with_bias : {true, false})
+    for (const lora::Index n : {12, 40}) {
+      SCOPED_TRACE(testing::Message() << "bias " << with_bias << " n " << n);
+      const VecD b = with_bias ? bias : VecD::Zero(5);
+      const MatD x = random_normal(n, 6, 2);
+      const auto without_bias = [&] {
+        Layer l(W, std::nullopt, config(2, 4));
+        l.add_adapter("b", config(3, 2.0, false, 5));
+        l.add_adapter("c", config(1, 2.0, false, 6));
+        return l;
+      };
+      Layer layer = with_bias ? make_layer(W, b) : without_bias();
+      std::uint64_t seed = 40;
+      for (const auto& name : layer.adapter_names()) layer.set_lora_B(name, random_normal(5, layer.rank(name), ++seed));
+      layer.set_adapter({"c", "default"});
+      EXPECT_LT(max_abs(layer.forward(x) - reference(W, b, layer, x, {"c", "default"})), 1e-12);
+      EXPECT_LT(max_abs(layer.forward_train(x) - reference(W, b, layer, x, {"c", "default"})), 1e-12);
+      layer.set_adapter("b");
+      EXPECT_LT(max_abs(layer.forward(x) - reference(W, b, layer, x, {"b"})), 1e-12);
+      layer.set_adapter({"b", "c"});
+      layer.merge({"b"});  // "c" unmerged on top of the merged "b"
+      EXPECT_LT(max_abs(layer.forward(x) - reference(W, b, layer, x, {"b", "c"})), 1e-12);
+      layer.merge({"c"});  // all merged: the base product alone
+      EXPECT_LT(max_abs(layer.forward(x) - reference(W, b, layer, x, {"b", "c"})), 1e-12);
+    }
+}
+
 TEST(Adapters, TrainingUpdatesOnlyTheActiveAdaptersAndGradientsMatchFiniteDifferences) {
   const MatD W = random_normal(5, 6, 1), x = random_normal(4, 6, 2), dy = random_normal(4, 5, 4);
   const VecD bias = random_normal(5, 1, 3).col(0);

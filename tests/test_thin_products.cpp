@@ -1,7 +1,9 @@
 // The thin-product kernels (detail/thin_products.hpp) and few_rows (detail/few_rows.hpp) against
 // a plain triple loop in long double, over ranks that take each kernel (half a packet; 1, 2, 4
-// packets; up to 16 rows of C) and the fallback, row counts around the kernels' blocks and tiles,
-// strided operands, β = 0 and 1, and work large enough to split over threads.
+// packets; up to 16 rows of C) and the fallback, row counts around the kernels' blocks, tiles and
+// bands, widths of C that leave single packets and columns after the blocks of 4 packets,
+// strided operands, β = 0 and 1, and work large enough to split over threads; and the blocked
+// transpose behind rank_cols_t and the gradient of B.
 #include <lora/detail/few_rows.hpp>
 #include <lora/detail/thin_products.hpp>
 
@@ -55,7 +57,7 @@ template <class S>
 void check_all(double tol) {
   const S alpha = S(0.75);
   for (Index r : {1, 2, 3, 4, 8, 12, 16, 24, 32, 64})
-    for (Index n : {0, 1, 7, 8, 9, 17, 40})
+    for (Index n : {0, 1, 7, 8, 9, 17, 40, 101})
       for (Index K : {1, 5, 131}) {
         SCOPED_TRACE(testing::Message() << "r " << r << " n " << n << " K " << K);
         // L is a column block of a wider matrix: rows at a stride of K + 3 (with no rows, the
@@ -71,7 +73,7 @@ void check_all(double tol) {
         EXPECT_LT(rel_err(C, want_t), tol);
 
         // rank_rows: C (r, N) = β·C + α·Lᵀ·R2 with L2 (n, r) strided, R2 (n, N).
-        for (Index N : {1, 3, 8, 13, 130}) {
+        for (Index N : {1, 3, 8, 13, 130, 150}) {
           const lora::Mat<S> wide2 = filled<S>(n, r + 2, 4);
           const lora::MatRef<S> L2 = wide2.middleCols(n > 0 ? 1 : 0, r);
           const lora::Mat<S> R2 = filled<S>(n, N, 5), C0 = filled<S>(r, N, 6);
@@ -83,6 +85,20 @@ void check_all(double tol) {
           D = C0;
           lora::detail::rank_rows<S>(D, alpha, L2, R2, S(1));
           EXPECT_LT(rel_err(D, w1), tol) << "N " << N << " beta 1";
+
+          // rank_update: C (n, N) += α·L2·M for M (r, N); rank_update_t the same with M = Bᵀ.
+          const lora::Mat<S> M = filled<S>(r, N, 7), Bt = filled<S>(N, r, 8), Y0 = filled<S>(n, N, 9);
+          const Exact u = exact_product(alpha, L2, M), ut = exact_product(alpha, L2, Bt.transpose());
+          lora::Mat<S> Y = Y0;
+          lora::detail::rank_update<S>(Y, alpha, L2, M);
+          EXPECT_LT(rel_err(Y, Exact(Y0.template cast<long double>() + u)), tol) << "N " << N << " add";
+          lora::detail::rank_update<S>(Y, alpha, L2, M, false);
+          EXPECT_LT(rel_err(Y, u), tol) << "N " << N << " set";
+          Y = Y0;
+          lora::detail::rank_update_t<S>(Y, alpha, L2, Bt);
+          EXPECT_LT(rel_err(Y, Exact(Y0.template cast<long double>() + ut)), tol) << "N " << N << " add, Bᵀ";
+          lora::detail::rank_update_t<S>(Y, alpha, L2, Bt, false);
+          EXPECT_LT(rel_err(Y, ut), tol) << "N " << N << " set, Bᵀ";
         }
       }
 }
@@ -133,6 +149,25 @@ TEST(ThinProducts, MatchTheProductInFloat) {
   check_few_rows<float>(2e-6);
 }
 
+// transpose_into copies (or adds) exactly, over blocks of 16 columns and their remainders.
+TEST(ThinProducts, TransposeIntoCopiesAndAddsExactly) {
+  for (Index r : {1, 5, 16, 64})
+    for (Index K : {1, 15, 16, 17, 131}) {
+      SCOPED_TRACE(testing::Message() << "r " << r << " K " << K);
+      const lora::Mat<float> A = filled<float>(r, K, 15), T0 = filled<float>(K, r, 16);
+      lora::Mat<float> T(2, 3);  // the wrong shape: a copy sizes it
+      lora::detail::transpose_into<float>(T, A);
+      ASSERT_EQ(T.rows(), K);
+      ASSERT_EQ(T.cols(), r);
+      for (Index j = 0; j < r; ++j)
+        for (Index k = 0; k < K; ++k) EXPECT_EQ(T(k, j), A(j, k));
+      T = T0;
+      lora::detail::transpose_into<float>(T, A, true);
+      for (Index j = 0; j < r; ++j)
+        for (Index k = 0; k < K; ++k) EXPECT_EQ(T(k, j), T0(k, j) + A(j, k));
+    }
+}
+
 // Work above the split threshold, so that the kernels run on several threads where there are.
 TEST(ThinProducts, LargeProductsSplitOverThreadsGiveTheSameResult) {
   const Index n = 4099, K = 130, r = 8, N = 133;
@@ -143,6 +178,10 @@ TEST(ThinProducts, LargeProductsSplitOverThreadsGiveTheSameResult) {
   EXPECT_LT((t - x * A.transpose()).cwiseAbs().maxCoeff(), 1e-11);
   lora::detail::rank_rows<double>(d, 0.5, g, e, 0.0);
   EXPECT_LT((d - 0.5 * g.transpose() * e).cwiseAbs().maxCoeff(), 1e-11);
+  lora::Mat<double> u = e;  // e (n, N) += 0.5·g·Bᵀ for B (N, r)
+  const lora::Mat<double> Bn = filled<double>(N, r, 15);
+  lora::detail::rank_update_t<double>(u, 0.5, g, Bn);
+  EXPECT_LT((u - e - 0.5 * g * Bn.transpose()).cwiseAbs().maxCoeff(), 1e-11);
   const lora::Mat<double> x8 = filled<double>(8, 1030, 11), W = filled<double>(1029, 1030, 12);
   lora::Mat<double> y;
   ASSERT_TRUE(lora::detail::few_rows<double>(y, 1.0, x8, W, 0.0));

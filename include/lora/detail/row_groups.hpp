@@ -57,13 +57,14 @@ void add_lora_rows(const MatRef<Scalar>& x, const Mat<Scalar>& A, const Mat<Scal
   }
   if (rows[m - 1] - rows[0] == m - 1) {  // one contiguous run of rows
     rank_cols_t<Scalar>(t, Scalar(1), x.middleRows(rows[0], m), A);
-    y.middleRows(rows[0], m).noalias() += s * t * B.transpose();
+    rank_update_t<Scalar>(y.middleRows(rows[0], m), s, t, B);
     return;
   }
   xg.resize(m, x.cols());
   for (Index j = 0; j < m; ++j) xg.row(j) = x.row(rows[j]);
   rank_cols_t<Scalar>(t, Scalar(1), xg, A);
-  u.noalias() = s * t * B.transpose();
+  u.resize(m, y.cols());
+  rank_update_t<Scalar>(u, s, t, B, false);
   for (Index j = 0; j < m; ++j) y.row(rows[j]) += u.row(j);
 }
 

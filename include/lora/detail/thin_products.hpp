@@ -1,8 +1,9 @@
 // The LoRA factors' thin products, where one side has rank r (8 to 64), in register-blocked
 // kernels instead of a general GEMM.
 //
-//   rank_cols:  C (n, r) = α·L (n, K)·R (K, r)             t = x·Aᵀ (R = Aᵀ, copied), g = s·dy·B (R = B)
-//   rank_rows:  C (r, N) = β·C + α·Lᵀ (r, n)·R (n, N)      dBᵀ = s·tᵀ·dy, dA += gᵀ·x
+//   rank_cols:   C (n, r) = α·L (n, K)·R (K, r)             t = x·Aᵀ (R = Aᵀ, copied), g = s·dy·B (R = B)
+//   rank_update: C (n, N) += α·L (n, r)·M (r, N)            dx += g·A, y += s·t·Bᵀ (M = Bᵀ, copied)
+//   rank_rows:   C (r, N) = β·C + α·Lᵀ (r, n)·R (n, N)      dBᵀ = s·tᵀ·dy, dA += gᵀ·x
 //
 // rank_cols keeps a row's r outputs in one, two or four SIMD registers (or one half-width
 // register: r 8 with AVX-512's 16 floats) and runs several rows at once, as many as leave
@@ -13,16 +14,22 @@
 // 16). Against OpenBLAS's sgemm, one thread, float, AVX-512 (n 2048, K 1024): r 8 (half packets)
 // 421 µs against 736, r 16 640 / 1262, r 32 1347 / 1823, r 64 2766 / 3672 (with 2 rows of 4
 // packets, the AVX2 blocking, r 64 ran at 3470: no faster than the GEMM).
+// rank_update is rank_cols's kernel with K = r over blocks of C's columns 4 packets wide (then
+// single packets, then single columns), 48 rows at a time, each block added into C: one pass over
+// C. The GEMM it replaces ran slower on two threads; as a share of the time of x·Wᵀ (n 512,
+// float, OpenBLAS, paired medians), y += s·t·Bᵀ here / in the GEMM: one thread d 1024 r 8 0.011 /
+// 0.017, r 64 0.062 / 0.063, d 4096 r 16 0.009 / 0.006 (the one shape slower: C's rows 16 KB
+// apart); two threads d 512 r 8 0.023 / 0.055, d 1024 r 8 0.012 / 0.026, r 64 0.074 / 0.069.
 // rank_rows keeps up to 8 rows of C, one packet of columns wide, in registers and walks n in
 // blocks of 16 rows, every packet of columns per block, prefetching the next block's lines
 // meanwhile: R's rows are read across, a packet at a time, which the hardware's prefetchers do not
 // follow (n 2048, N 344, r 8, R out of cache: 300-450 µs here against 730-1160 with blocks of 64
-// rows and no prefetch; in cache 185-260 either way). Neither packs an operand. A GEMM (Eigen's
+// rows and no prefetch; in cache 185-260 either way). None packs an operand. A GEMM (Eigen's
 // or OpenBLAS's) packs both into panels sized for wide products and blocks the result 3 packets
 // wide; with r = 8 it ran these at a third to a half of the speed (n 2048, d 128, r 8, float, one
 // thread, AVX2: x·Aᵀ 138 µs in OpenBLAS, 118 in Eigen, 58 here; s·dy·B 138 / 122 / 89; s·tᵀ·dy
 // 142 / 101 / 86; gᵀ·x 143 / 99 / 82). Other shapes (r not a half packet or 1, 2 or 4 packets;
-// r > 16 in rank_rows; other scalars) go to the general product. Both split their work over the
+// r > 16 in rank_rows; other scalars) go to the general product. All split their work over the
 // threads when it is large and no parallel region is open. Results differ from the GEMM's only in
 // summation order.
 #pragma once
@@ -49,15 +56,17 @@ auto packet() {
   else return typename ei::packet_traits<S>::type{};
 }
 
-// Rows [i0, i1) of C = α·L·R; R (K, RP packets) row-major, contiguous; half-width packets if Half.
+// Rows [i0, i1) of C = C0 + α·L·R, where C0 is C (add), the row b repeated (b given) or 0;
+// R (K, RP packets) row-major, rows ldr apart; half-width packets if Half.
 template <class S, bool Half, int RP>
-void cols_kernel(Index i0, Index i1, Index K, S alpha, const S* L, Index ldl, const S* R, S* C, Index ldc) {
+void cols_kernel(Index i0, Index i1, Index K, S alpha, const S* L, Index ldl, const S* R, Index ldr, bool add, const S* b,
+                 S* C, Index ldc) {
   using P = decltype(packet<S, Half>());
   constexpr int PS = int(sizeof(P) / sizeof(S));
   constexpr bool many = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
   constexpr int ROWS = RP == 1 ? 8 : RP == 2 ? (many ? 8 : 4) : (many ? 6 : 2);  // ROWS·RP accumulators
-  constexpr Index r = Index(RP) * PS;
   const P a = ei::pset1<P>(alpha);
+  const auto c0 = [&](const S* c, int p) { return add ? ei::ploadu<P>(c) : b ? ei::ploadu<P>(b + p * PS) : ei::pset1<P>(S(0)); };
   Index i = i0;
   for (; i + ROWS <= i1; i += ROWS) {
     P acc[ROWS][RP];
@@ -66,14 +75,17 @@ void cols_kernel(Index i0, Index i1, Index K, S alpha, const S* L, Index ldl, co
     const S* l = L + i * ldl;
     for (Index k = 0; k < K; ++k) {
       P rv[RP];
-      for (int p = 0; p < RP; ++p) rv[p] = ei::ploadu<P>(R + k * r + p * PS);
+      for (int p = 0; p < RP; ++p) rv[p] = ei::ploadu<P>(R + k * ldr + p * PS);
       for (int j = 0; j < ROWS; ++j) {
         const P b = ei::pset1<P>(l[j * ldl + k]);
         for (int p = 0; p < RP; ++p) acc[j][p] = ei::pmadd(b, rv[p], acc[j][p]);
       }
     }
     for (int j = 0; j < ROWS; ++j)
-      for (int p = 0; p < RP; ++p) ei::pstoreu(C + (i + j) * ldc + p * PS, ei::pmul(a, acc[j][p]));
+      for (int p = 0; p < RP; ++p) {
+        S* c = C + (i + j) * ldc + p * PS;
+        ei::pstoreu(c, ei::pmadd(a, acc[j][p], c0(c, p)));
+      }
   }
   for (; i < i1; ++i) {
     P acc[RP];
@@ -81,9 +93,12 @@ void cols_kernel(Index i0, Index i1, Index K, S alpha, const S* L, Index ldl, co
     const S* l = L + i * ldl;
     for (Index k = 0; k < K; ++k) {
       const P b = ei::pset1<P>(l[k]);
-      for (int p = 0; p < RP; ++p) acc[p] = ei::pmadd(b, ei::ploadu<P>(R + k * r + p * PS), acc[p]);
+      for (int p = 0; p < RP; ++p) acc[p] = ei::pmadd(b, ei::ploadu<P>(R + k * ldr + p * PS), acc[p]);
     }
-    for (int p = 0; p < RP; ++p) ei::pstoreu(C + i * ldc + p * PS, ei::pmul(a, acc[p]));
+    for (int p = 0; p < RP; ++p) {
+      S* c = C + i * ldc + p * PS;
+      ei::pstoreu(c, ei::pmadd(a, acc[p], c0(c, p)));
+    }
   }
 }
 
@@ -169,7 +184,7 @@ void rank_cols(Mat<S>& C, S alpha, const MatRef<S>& L, const Mat<S>& R) {
       C.resize(n, r);
       const auto run = [&](auto kernel) {
         thin::split(n, 8, double(n) * K * r, [&](Index b, Index e) {
-          kernel(b, e, K, alpha, L.data(), L.outerStride(), R.data(), C.data(), r);
+          kernel(b, e, K, alpha, L.data(), L.outerStride(), R.data(), r, false, nullptr, C.data(), r);
         });
       };
       if (rp == 1) run(thin::cols_kernel<S, false, 1>);
@@ -182,6 +197,33 @@ void rank_cols(Mat<S>& C, S alpha, const MatRef<S>& L, const Mat<S>& R) {
   C.noalias() = alpha * L * R;
 }
 
+// T (K, r) = Aᵀ (add: T += Aᵀ, T sized) for A (r, K), both row-major, in 8 × 8 squares (the
+// edges in smaller blocks): each square reads and writes 8 short runs of a row. Eigen's
+// assignment of the whole transpose walks T by rows and reads A's columns, K apart, a stride
+// that keeps few of them in the first-level cache (one thread: A 64 × 1024 192 µs against 27
+// here; 1024 × 64 41 against 29).
+template <class S>
+void transpose_into(Mat<S>& T, const Mat<S>& A, bool add = false) {
+  constexpr Index B = 8;
+  const Index r = A.rows(), K = A.cols();
+  if (!add) T.resize(K, r);
+  for (Index j = 0; j < r; j += B)
+    for (Index k = 0; k < K; k += B) {
+      if (j + B <= r && k + B <= K) {
+        if (add)
+          T.template block<B, B>(k, j) += A.template block<B, B>(j, k).transpose();
+        else
+          T.template block<B, B>(k, j) = A.template block<B, B>(j, k).transpose();
+      } else {
+        const Index jb = std::min(B, r - j), kb = std::min(B, K - k);
+        if (add)
+          T.block(k, j, kb, jb) += A.block(j, k, jb, kb).transpose();
+        else
+          T.block(k, j, kb, jb) = A.block(j, k, jb, kb).transpose();
+      }
+    }
+}
+
 // C (n, r) = α·L (n, K)·Aᵀ for A (r, K): rank_cols on Aᵀ copied row-major (a thread's buffer);
 // below 16 rows the copy would cost more than the kernel saves, and the general product runs.
 template <class S>
@@ -191,8 +233,61 @@ void rank_cols_t(Mat<S>& C, S alpha, const MatRef<S>& L, const Mat<S>& A) {
     return;
   }
   thread_local Mat<S> at;
-  at = A.transpose();
+  transpose_into<S>(at, A);
   rank_cols<S>(C, alpha, L, at);
+}
+
+// C (n, N) = C0 + α·L (n, r)·M for M (r, N), C sized, where C0 is C (add), the row b repeated (b
+// given) or 0: dx += g·A, and with M = Bᵀ (rank_update_t) y += s·t·Bᵀ or y = b + s·t·Bᵀ.
+// cols_kernel with K = r over blocks of C's columns 4 packets wide, then single packets, then one
+// column at a time. Below 16 rows, the general product.
+template <class S>
+void rank_update(Eigen::Ref<Mat<S>> C, S alpha, const MatRef<S>& L, const MatRef<S>& M, bool add = true,
+                 const S* b = nullptr) {
+  const Index n = L.rows(), r = L.cols(), N = M.cols();
+  if constexpr (thin::simd<S>) {
+    if (n >= 16) {
+      constexpr Index PS = sizeof(thin::packet<S, false>()) / sizeof(S);
+      constexpr Index band = 48;  // rows that pass through every block of columns before the next
+      const S* l = L.data();
+      const S* m = M.data();
+      S* y = C.data();
+      const Index ldl = L.outerStride(), ldm = M.outerStride(), ldc = C.outerStride();
+      thin::split(n, 8, double(n) * N * r, [&](Index b0, Index e0) {
+        for (Index i0 = b0; i0 < e0; i0 += band) {
+          const Index i1 = std::min(e0, i0 + band);
+          Index c = 0;
+          for (; c + 4 * PS <= N; c += 4 * PS)
+            thin::cols_kernel<S, false, 4>(i0, i1, r, alpha, l, ldl, m + c, ldm, add, b ? b + c : b, y + c, ldc);
+          for (; c + PS <= N; c += PS)
+            thin::cols_kernel<S, false, 1>(i0, i1, r, alpha, l, ldl, m + c, ldm, add, b ? b + c : b, y + c, ldc);
+          for (; c < N; ++c)
+            for (Index i = i0; i < i1; ++i) {
+              S v = 0;
+              for (Index k = 0; k < r; ++k) v += l[i * ldl + k] * m[k * ldm + c];
+              y[i * ldc + c] = (add ? y[i * ldc + c] : b ? b[c] : S(0)) + alpha * v;
+            }
+        }
+      });
+      return;
+    }
+  }
+  if (!add) {
+    if (b)
+      C.rowwise() = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(b, N);
+    else
+      C.setZero();
+  }
+  C.noalias() += alpha * L * M;
+}
+
+// rank_update on M = Bᵀ for B (N, r), copied row-major (a thread's buffer).
+template <class S>
+void rank_update_t(Eigen::Ref<Mat<S>> C, S alpha, const MatRef<S>& L, const Mat<S>& B, bool add = true,
+                   const S* b = nullptr) {
+  thread_local Mat<S> bt;
+  transpose_into<S>(bt, B);
+  rank_update<S>(C, alpha, L, bt, add, b);
 }
 
 // C (r, N) = β·C + α·Lᵀ·R for L (n, r), R (n, N); β = 0 sizes C, β ≠ 0 needs C (r, N).
