@@ -149,7 +149,7 @@ TEST(ThinProducts, MatchTheProductInFloat) {
   check_few_rows<float>(2e-6);
 }
 
-// transpose_into copies (or adds) exactly, over blocks of 16 columns and their remainders.
+// transpose_into copies (or adds) exactly, over 8 × 8 squares and the smaller blocks at the edges.
 TEST(ThinProducts, TransposeIntoCopiesAndAddsExactly) {
   for (Index r : {1, 5, 16, 64})
     for (Index K : {1, 15, 16, 17, 131}) {

@@ -253,21 +253,11 @@ class LoraLinear {
     check_input("forward", x);
     check_no_alias("forward", "Y", y, "X", x);
     y.resize(x.rows(), out_);
-    thread_local Mat t;
-    if (lora_first(x.rows(), reg_.active())) {
-      bool first = true;
-      for (const std::string& name : reg_.active()) {
-        if (reg_.is_merged(name)) continue;
-        const Adapter& a = adapter(name);
-        detail::rank_cols_t<Scalar>(t, Scalar(1), x, a.A);
-        detail::rank_update_t<Scalar>(y, a.s, t, a.B, !first, first && has_bias_ ? bias_.data() : nullptr);
-        first = false;
-      }
-      base(x, y, true);
-      return;
-    }
-    base(x, y);
+    const bool first = lora_first(x.rows(), reg_.active());
+    if (!first) base(x, y);
     if (disabled_) return;
+    thread_local Mat t;
+    bool init = first;  // the next update writes y = b + s·t·Bᵀ
     for (const std::string& name : reg_.active()) {
       if (reg_.is_merged(name)) continue;
       const Adapter& a = adapter(name);
@@ -275,10 +265,12 @@ class LoraLinear {
         detail::few_rows<Scalar>(y, a.s, t, a.B, Scalar(1));
       } else {
         detail::rank_cols_t<Scalar>(t, Scalar(1), x, a.A);
-        detail::rank_update_t<Scalar>(y, a.s, t, a.B);
+        detail::rank_update_t<Scalar>(y, a.s, t, a.B, !init, init && has_bias_ ? bias_.data() : nullptr);
+        init = false;
       }
       if (a.config.use_dora) rescale(y, a.m.cwiseQuotient(norm_of(a)));
     }
+    if (first) base(x, y, true);
   }
 
   // Mixed batch (PEFT's forward(x, adapter_names=...)): row i uses adapter names[i], or the base

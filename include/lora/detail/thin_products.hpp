@@ -207,20 +207,18 @@ void transpose_into(Mat<S>& T, const Mat<S>& A, bool add = false) {
   constexpr Index B = 8;
   const Index r = A.rows(), K = A.cols();
   if (!add) T.resize(K, r);
+  const auto put = [add](auto&& to, const auto& from) {
+    if (add)
+      to += from.transpose();
+    else
+      to = from.transpose();
+  };
   for (Index j = 0; j < r; j += B)
     for (Index k = 0; k < K; k += B) {
-      if (j + B <= r && k + B <= K) {
-        if (add)
-          T.template block<B, B>(k, j) += A.template block<B, B>(j, k).transpose();
-        else
-          T.template block<B, B>(k, j) = A.template block<B, B>(j, k).transpose();
-      } else {
-        const Index jb = std::min(B, r - j), kb = std::min(B, K - k);
-        if (add)
-          T.block(k, j, kb, jb) += A.block(j, k, jb, kb).transpose();
-        else
-          T.block(k, j, kb, jb) = A.block(j, k, jb, kb).transpose();
-      }
+      if (j + B <= r && k + B <= K)  // fixed-size squares: Eigen transposes them in registers
+        put(T.template block<B, B>(k, j), A.template block<B, B>(j, k));
+      else
+        put(T.block(k, j, std::min(B, K - k), std::min(B, r - j)), A.block(j, k, std::min(B, r - j), std::min(B, K - k)));
     }
 }
 
