@@ -134,6 +134,47 @@ TEST(Adapters, TrainingUpdatesOnlyTheActiveAdaptersAndGradientsMatchFiniteDiffer
   expect_input_gradient(x, dx, loss, 1e-7);
 }
 
+// Setting dx, backward runs the adapters' terms first (the first writes dx) and the base product
+// adds dy·W into dx after them. Against dx = dy·W + Σ s·dy·B·A written out (no dropout), and, with
+// dropout on one adapter, first or second, against InputGrad::add into zeros (the base product
+// first) under the same masks; below and above the 16 rows of the thin kernels.
+TEST(Adapters, BackwardWithTheLoraTermsFirstMatchesTheReference) {
+  const MatD W = random_normal(5, 6, 1);
+  const VecD bias = random_normal(5, 1, 3).col(0);
+  for (int n : {4, 40}) {
+    SCOPED_TRACE(testing::Message() << "n " << n);
+    const MatD x = random_normal(n, 6, 2), dy = random_normal(n, 5, 4);
+    Layer layer = make_layer(W, bias);
+    layer.set_adapter({"c", "default"});
+    layer.forward_train(x);
+    const MatD dx = layer.backward(dy);
+    MatD expected = dy * W;
+    for (const char* name : {"c", "default"})
+      expected += double(layer.scaling(name)) * dy * layer.lora_B(name) * layer.lora_A(name);
+    EXPECT_LT(max_abs(dx - expected), 1e-12);
+
+    for (bool dropout_first : {true, false}) {
+      SCOPED_TRACE(testing::Message() << "dropout first " << dropout_first);
+      lora::LoraConfig d = config(2, 4, false, 11);
+      d.dropout = 0.5;
+      layer.add_adapter("d", d);
+      layer.set_lora_B("d", random_normal(5, 2, 12));
+      layer.set_adapter(dropout_first ? std::vector<std::string>{"d", "b"} : std::vector<std::string>{"b", "d"});
+      layer.reseed(3);
+      layer.forward_train(x);
+      MatD set;
+      layer.backward(dy, set);
+      layer.reseed(3);  // the same masks again
+      layer.forward_train(x);
+      MatD add = MatD::Zero(n, 6);
+      layer.backward(dy, add, lora::InputGrad::add);
+      EXPECT_LT(max_abs(set - add), 1e-12);
+      EXPECT_GT(max_abs(set - dy * W), 1e-3);  // the adapters' terms are in it
+      layer.delete_adapter("d");
+    }
+  }
+}
+
 TEST(Adapters, EachAdapterDrawsItsOwnDropoutMasks) {
   const MatD W = random_normal(5, 6, 1), x = random_normal(8, 6, 2), dy = random_normal(8, 5, 4);
   lora::LoraConfig c = config(2, 4, false, 3);

@@ -16,9 +16,9 @@
 // (PEFT's lora_A[name]); the constructor makes the first ("default"), add_adapter/update_layer
 // more, set_adapter picks the active ones (their updates sum), delete_adapter removes one.
 // forward(x, adapter_names) serves a mixed batch, one adapter per row, without merging.
-// The adapter calls, merging and the mixed batch are defined in detail/linear_adapters.hpp,
-// detail/linear_merge.hpp and detail/linear_mixed_batch.hpp; this file holds the layer and its
-// forward and backward.
+// The adapter calls, merging, the mixed batch and training are defined in
+// detail/linear_adapters.hpp, detail/linear_merge.hpp, detail/linear_mixed_batch.hpp and
+// detail/linear_train.hpp; this file holds the layer and its evaluation forward.
 //
 // Merge state. merge() adds s·B·A of the active adapters to W, after which forward is one GEMM;
 // unmerge() subtracts them all. Merging a merged adapter and unmerging with nothing merged are
@@ -286,16 +286,10 @@ class LoraLinear {
 
   void forward(const MatRef& x, const std::vector<std::string>& names, Mat& y) const;
 
-  // ---- training --------------------------------------------------------------------------
-  // forward_train, x (n, in) -> y (n, out), keeps in the Cache, for each active adapter:
-  //   xd = drop(x) (n, in) and mask (n, in) (p > 0 only), t = xd·Aᵀ (n, r); and x itself once
-  //   when an adapter has p = 0 or the base trains (a copy, or with Keep::borrow x's address)
-  //   y  = b + x·Wᵀ + Σ s·t·Bᵀ
-  // backward, dy (n, out) -> dx (n, in), consumes the cache; for each active adapter:
-  //   dB += s·dyᵀ·t      g = s·dy·B (n, r)      dA += gᵀ·xd      db += Σ_rows dy (trainable bias)
-  //   dx  = dy·W + Σ mask ⊙ (g·A)               dW += dyᵀ·x (base_trainable)
-  // (dx += ... with InputGrad::add; neither product with InputGrad::none).
-  // With adapters disabled only the base terms remain.
+  // ---- training (detail/linear_train.hpp, with the math) ----------------------------------
+  // forward_train, x (n, in) -> y (n, out), as forward but with dropout, keeping what backward
+  // needs (t = drop(x)·Aᵀ per adapter, x or drop(x)); backward, dy (n, out) -> dx (n, in),
+  // consumes it and accumulates dA, dB (dm with DoRA, db and dW when trainable).
   Mat forward_train(const MatRef& x) {
     Mat y;
     forward_train(x, y);
@@ -310,49 +304,7 @@ class LoraLinear {
   void forward_train(Mat&&, Mat&, Keep) = delete;
 
  private:
-  void train_forward(const MatRef& x, Mat& y, Keep keep) {
-    check_input("forward_train", x);
-    check_no_alias("forward_train", "Y", y, "X", x);
-    if (is_merged()) detail::fail("LoraLinear::forward_train: the layer is merged; call unmerge() before training");
-    Cache& c = cache_;
-    const std::vector<std::string>& active = trained();
-    c.n = x.rows();
-    bool keep_x = train_base_;
-    for (const std::string& name : active) keep_x = keep_x || adapter(name).config.dropout == 0;
-    c.x_borrowed = keep_x && keep == Keep::borrow;
-    if (c.x_borrowed) {
-      c.x.resize(0, 0);
-      c.xb = x.data();
-      c.xb_stride = x.outerStride();
-    } else if (keep_x) {
-      c.x = x;
-    }
-    y.resize(x.rows(), out_);
-    const bool first = lora_first(x.rows(), active);
-    if (!first) base(x, y);
-    c.adapters.resize(active.size());
-    for (std::size_t k = 0; k < active.size(); ++k) {
-      Adapter& a = adapter(active[k]);
-      AdapterCache& ac = c.adapters[k];
-      if (a.config.dropout > 0) {
-        dropout_mask(ac.mask, x.rows(), in_, a.config.dropout, a.rng);
-        ac.xd = x.cwiseProduct(ac.mask);
-      }
-      detail::rank_cols_t<Scalar>(ac.t, Scalar(1), a.config.dropout > 0 ? MatRef(ac.xd) : x, a.A);
-      const bool init = first && k == 0;  // y = b + s·t·Bᵀ
-      detail::rank_update_t<Scalar>(y, a.s, ac.t, a.B, !init, init && has_bias_ ? bias_.data() : nullptr);
-      if (a.config.use_dora) {  // the only active adapter
-        ac.norm = norm_of(a);
-        ac.c = a.m.cwiseQuotient(ac.norm);
-        ac.z = y;
-        if (has_bias_) ac.z.rowwise() -= bias_.transpose();
-        rescale(y, ac.c);
-      }
-    }
-    if (first) base(x, y, true);
-    c.valid = true;
-    c.discarded_by = nullptr;
-  }
+  void train_forward(const MatRef& x, Mat& y, Keep keep);
 
  public:
   Mat backward(const MatRef& dy) {
@@ -363,61 +315,7 @@ class LoraLinear {
 
   // Writes into dx (not aliasing dy) as mode says: set resizes it only when its shape differs,
   // add needs it (n, in), none leaves it alone.
-  void backward(const MatRef& dy, Mat& dx, InputGrad mode = InputGrad::set) {
-    Cache& c = cache_;
-    check_backward(dy);
-    if (mode != InputGrad::none) check_no_alias("backward", "dX", dx, "dY", dy);
-    if (mode == InputGrad::add && (dx.rows() != dy.rows() || dx.cols() != in_))
-      detail::fail("LoraLinear::backward: dX to add to is ", detail::shape(dx.rows(), dx.cols()), ", expected ",
-                   detail::shape(dy.rows(), in_));
-    const MatRef x = cached_x();
-    if (grad_bias_.size()) grad_bias_ += dy.colwise().sum().transpose();
-    if (train_base_) {
-      if (fan_in_fan_out_)
-        grad_W_.noalias() += x.transpose() * dy;
-      else
-        grad_W_.noalias() += dy.transpose() * x;
-    }
-    const std::vector<std::string>& active = trained();
-    const bool dora = active.size() == 1 && adapter(active[0]).config.use_dora;
-    if (dora) {  // dm += Σ_rows dy ⊙ z / norm; the rest is LoRA's backward of dy ⊙ c
-      AdapterCache& ac = c.adapters[0];
-      adapter(active[0]).grad_m += (dy.array() * ac.z.array()).colwise().sum().matrix().transpose().cwiseQuotient(ac.norm);
-      ac.d = dy.array().rowwise() * ac.c.transpose().array();
-    }
-    const MatRef e = dora ? MatRef(c.adapters[0].d) : dy;
-    if (mode == InputGrad::set) {
-      dx.resize(dy.rows(), in_);
-      if (fan_in_fan_out_)
-        dx.noalias() = e * weight().transpose();
-      else
-        dx.noalias() = e * weight();
-    } else if (mode == InputGrad::add) {
-      if (fan_in_fan_out_)
-        dx.noalias() += e * weight().transpose();
-      else
-        dx.noalias() += e * weight();
-    }
-    c.valid = false;
-    for (std::size_t k = 0; k < active.size(); ++k) {
-      Adapter& a = adapter(active[k]);
-      AdapterCache& ac = c.adapters[k];
-      // dBᵀ (r, out) = s·tᵀ·dy, then added transposed; the thin products in
-      // detail/thin_products.hpp's kernels.
-      detail::rank_rows<Scalar>(ac.dbt, a.s, ac.t, e, Scalar(0));
-      detail::transpose_into<Scalar>(a.grad_B, ac.dbt, true);
-      detail::rank_cols<Scalar>(ac.g, a.s, e, a.B);
-      if (a.config.dropout > 0) {
-        detail::rank_rows<Scalar>(a.grad_A, Scalar(1), ac.g, ac.xd, Scalar(1));
-        if (mode == InputGrad::none) continue;
-        detail::rank_update<Scalar>(ac.xd, Scalar(1), ac.g, a.A, false);  // xd is no longer needed: reuse it for g·A
-        dx += ac.mask.cwiseProduct(ac.xd);
-      } else {
-        detail::rank_rows<Scalar>(a.grad_A, Scalar(1), ac.g, x, Scalar(1));
-        if (mode != InputGrad::none) detail::rank_update<Scalar>(dx, Scalar(1), ac.g, a.A);
-      }
-    }
-  }
+  void backward(const MatRef& dy, Mat& dx, InputGrad mode = InputGrad::set);
 
   // True between a forward_train and the backward that consumes it (layers built from several
   // LoRA layers check all of them before any backward accumulates a gradient).
@@ -709,7 +607,8 @@ class LoraLinear {
 
 }  // namespace lora
 
-// Out-of-class definitions: the named adapters, merging, and the mixed-batch forward.
+// Out-of-class definitions: the named adapters, merging, the mixed-batch forward and training.
 #include <lora/detail/linear_adapters.hpp>
 #include <lora/detail/linear_merge.hpp>
 #include <lora/detail/linear_mixed_batch.hpp>
+#include <lora/detail/linear_train.hpp>

@@ -20,9 +20,13 @@
 // float, OpenBLAS, paired medians), y += s·t·Bᵀ here / in the GEMM: one thread d 1024 r 8 0.011 /
 // 0.017, r 64 0.062 / 0.063, d 4096 r 16 0.009 / 0.006 (the one shape slower: C's rows 16 KB
 // apart); two threads d 512 r 8 0.023 / 0.055, d 1024 r 8 0.012 / 0.026, r 64 0.074 / 0.069.
-// rank_rows keeps up to 8 rows of C, one packet of columns wide, in registers and walks n in
-// blocks of 16 rows, every packet of columns per block, prefetching the next block's lines
-// meanwhile: R's rows are read across, a packet at a time, which the hardware's prefetchers do not
+// With K = r that small, how the accumulators are kept matters: held in registers from the first
+// product to the store (cols_block), y = b + s·t·Bᵀ at n 512, d 1024, r 8 took 0.011 of the merged
+// forward on one thread against 0.024 when GCC kept them on the stack between the loops (two
+// threads 0.014 / 0.020; r 64 one thread 0.062 / 0.079).
+// rank_rows keeps up to 8 rows of C, three packets of columns wide (one with 16 registers), in
+// registers and walks n in blocks of 16 rows, every packet of columns per block, prefetching the
+// next block's lines meanwhile: R's rows are read across, a packet at a time, which the hardware's prefetchers do not
 // follow (n 2048, N 344, r 8, R out of cache: 300-450 µs here against 730-1160 with blocks of 64
 // rows and no prefetch; in cache 185-260 either way). None packs an operand. A GEMM (Eigen's
 // or OpenBLAS's) packs both into panels sized for wide products and blocks the result 3 packets
@@ -56,62 +60,101 @@ auto packet() {
   else return typename ei::packet_traits<S>::type{};
 }
 
-// Rows [i0, i1) of C = C0 + α·L·R, where C0 is C (add), the row b repeated (b given) or 0;
-// R (K, RP packets) row-major, rows ldr apart; half-width packets if Half.
+// Rows [i, i + ROWS) of C = C0 + α·L·R, where C0 is C (add), the row b repeated (b given) or 0;
+// R (K, RP packets) row-major, rows ldr apart; half-width packets if Half. Every loop over the
+// accumulators is unrolled before GCC's scalar replacement runs, so that they live in registers
+// from their first write to the stores (otherwise they went through the stack at both ends:
+// with K = r = 8, 72 memory operations against 192 fused multiply-adds).
+template <class S, bool Half, int RP, int ROWS>
+void cols_block(Index i, Index K, S alpha, const S* L, Index ldl, const S* R, Index ldr, bool add, const S* b, S* C,
+                Index ldc) {
+  using P = decltype(packet<S, Half>());
+  constexpr int PS = int(sizeof(P) / sizeof(S));
+  P acc[ROWS][RP];
+#pragma GCC unroll 8
+  for (int j = 0; j < ROWS; ++j)
+#pragma GCC unroll 8
+    for (int p = 0; p < RP; ++p) acc[j][p] = ei::pset1<P>(S(0));
+  const S* l = L + i * ldl;
+  for (Index k = 0; k < K; ++k) {
+    P rv[RP];
+#pragma GCC unroll 8
+    for (int p = 0; p < RP; ++p) rv[p] = ei::ploadu<P>(R + k * ldr + p * PS);
+#pragma GCC unroll 8
+    for (int j = 0; j < ROWS; ++j) {
+      const P v = ei::pset1<P>(l[j * ldl + k]);
+#pragma GCC unroll 8
+      for (int p = 0; p < RP; ++p) acc[j][p] = ei::pmadd(v, rv[p], acc[j][p]);
+    }
+  }
+  const P a = ei::pset1<P>(alpha);
+#pragma GCC unroll 8
+  for (int j = 0; j < ROWS; ++j)
+#pragma GCC unroll 8
+    for (int p = 0; p < RP; ++p) {
+      S* c = C + (i + j) * ldc + p * PS;
+      const P c0 = add ? ei::ploadu<P>(c) : b ? ei::ploadu<P>(b + p * PS) : ei::pset1<P>(S(0));
+      ei::pstoreu(c, ei::pmadd(a, acc[j][p], c0));
+    }
+}
+
+// Rows [i0, i1) of C = C0 + α·L·R, in blocks of as many rows as leave registers for R's
+// row, then one row at a time.
 template <class S, bool Half, int RP>
 void cols_kernel(Index i0, Index i1, Index K, S alpha, const S* L, Index ldl, const S* R, Index ldr, bool add, const S* b,
                  S* C, Index ldc) {
-  using P = decltype(packet<S, Half>());
-  constexpr int PS = int(sizeof(P) / sizeof(S));
   constexpr bool many = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
   constexpr int ROWS = RP == 1 ? 8 : RP == 2 ? (many ? 8 : 4) : (many ? 6 : 2);  // ROWS·RP accumulators
-  const P a = ei::pset1<P>(alpha);
-  const auto c0 = [&](const S* c, int p) { return add ? ei::ploadu<P>(c) : b ? ei::ploadu<P>(b + p * PS) : ei::pset1<P>(S(0)); };
   Index i = i0;
-  for (; i + ROWS <= i1; i += ROWS) {
-    P acc[ROWS][RP];
-    for (int j = 0; j < ROWS; ++j)
-      for (int p = 0; p < RP; ++p) acc[j][p] = ei::pset1<P>(S(0));
-    const S* l = L + i * ldl;
-    for (Index k = 0; k < K; ++k) {
-      P rv[RP];
-      for (int p = 0; p < RP; ++p) rv[p] = ei::ploadu<P>(R + k * ldr + p * PS);
-      for (int j = 0; j < ROWS; ++j) {
-        const P b = ei::pset1<P>(l[j * ldl + k]);
-        for (int p = 0; p < RP; ++p) acc[j][p] = ei::pmadd(b, rv[p], acc[j][p]);
-      }
-    }
-    for (int j = 0; j < ROWS; ++j)
-      for (int p = 0; p < RP; ++p) {
-        S* c = C + (i + j) * ldc + p * PS;
-        ei::pstoreu(c, ei::pmadd(a, acc[j][p], c0(c, p)));
-      }
-  }
-  for (; i < i1; ++i) {
-    P acc[RP];
-    for (int p = 0; p < RP; ++p) acc[p] = ei::pset1<P>(S(0));
-    const S* l = L + i * ldl;
-    for (Index k = 0; k < K; ++k) {
-      const P b = ei::pset1<P>(l[k]);
-      for (int p = 0; p < RP; ++p) acc[p] = ei::pmadd(b, ei::ploadu<P>(R + k * ldr + p * PS), acc[p]);
-    }
-    for (int p = 0; p < RP; ++p) {
-      S* c = C + i * ldc + p * PS;
-      ei::pstoreu(c, ei::pmadd(a, acc[p], c0(c, p)));
-    }
-  }
+  for (; i + ROWS <= i1; i += ROWS) cols_block<S, Half, RP, ROWS>(i, K, alpha, L, ldl, R, ldr, add, b, C, ldc);
+  for (; i < i1; ++i) cols_block<S, Half, RP, 1>(i, K, alpha, L, ldl, R, ldr, add, b, C, ldc);
 }
 
-// Columns [c0, c1) of C = β·C + α·Lᵀ·R. Rows of C in blocks of up to 8, each one packet of
-// columns wide in registers; n in blocks of 16 rows, so that L's and R's rows are read in order
-// and R's block stays in L1 while its packets of columns pass (the partial sums wait in C,
-// which starts at β·C), and the next block's lines are prefetched a line per row every line's
-// worth of columns. The last columns, fewer than a packet, one at a time.
+// Rows [k0, k0 + kb) of C, columns [c, c + NP packets), += α·Lᵀ·R over rows [i0, i1) of L and R:
+// kb (≤ 8) × NP packets of accumulators; per row of R, NP packet loads and kb broadcasts of L's
+// row feed kb·NP fused multiply-adds.
+template <class S, int NP>
+void rows_step(Index i0, Index i1, Index k0, int kb, S alpha, const S* L, Index ldl, const S* R, Index ldr, S* C,
+               Index ldc, Index c) {
+  using P = typename ei::packet_traits<S>::type;
+  constexpr int PS = ei::packet_traits<S>::size;
+  P acc[8][NP];
+  for (int k = 0; k < 8; ++k)
+    for (int p = 0; p < NP; ++p) acc[k][p] = ei::pset1<P>(S(0));
+  const S* l = L + i0 * ldl + k0;
+  const S* rr = R + i0 * ldr + c;
+  const auto rows = [&](auto KB) {
+    for (Index i = i0; i < i1; ++i, l += ldl, rr += ldr) {
+      P v[NP];
+      for (int p = 0; p < NP; ++p) v[p] = ei::ploadu<P>(rr + p * PS);
+      for (int k = 0; k < KB(); ++k) {
+        const P b = ei::pset1<P>(l[k]);
+        for (int p = 0; p < NP; ++p) acc[k][p] = ei::pmadd(b, v[p], acc[k][p]);
+      }
+    }
+  };
+  if (kb == 8)
+    rows([] { return 8; });
+  else
+    rows([kb] { return kb; });
+  const P a = ei::pset1<P>(alpha);
+  for (int k = 0; k < kb; ++k)
+    for (int p = 0; p < NP; ++p) {
+      S* cp = C + (k0 + k) * ldc + c + p * PS;
+      ei::pstoreu(cp, ei::pmadd(a, acc[k][p], ei::ploadu<P>(cp)));
+    }
+}
+
+// Columns [c0, c1) of C = β·C + α·Lᵀ·R. Rows of C in blocks of up to 8, each 3 packets of columns
+// wide in registers (one packet with 16 registers); n in blocks of 16 rows, so that L's and R's
+// rows are read in order (the partial sums wait in C, which starts at β·C), and the next block's
+// lines are prefetched a line per row while this block computes. The last packets one at a time,
+// the last columns, fewer than a packet, one at a time.
 template <class S>
 void rows_kernel(Index c0, Index c1, Index n, Index r, S alpha, const S* L, Index ldl, const S* R, Index ldr, S beta, S* C,
                  Index ldc) {
-  using P = typename ei::packet_traits<S>::type;
   constexpr int PS = ei::packet_traits<S>::size;
+  constexpr int NP = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 3 : 1;  // 8·NP accumulators
   constexpr Index NB = 16;
   const Index cv = c0 + (c1 - c0) / PS * PS;  // [c0, cv): whole packets
   for (Index k = 0; k < r; ++k)
@@ -121,29 +164,19 @@ void rows_kernel(Index c0, Index c1, Index n, Index r, S alpha, const S* L, Inde
     const int kb = static_cast<int>(std::min<Index>(8, r - k0));
     for (Index i0 = 0; i0 < n; i0 += NB) {
       const Index i1 = std::min(n, i0 + NB), i2 = std::min(n, i1 + NB);
-      for (Index c = c0; c < cv; c += PS) {
-        if ((c - c0) % LINE == 0)  // the next block's line at column c, row by row, while this block computes
-          for (Index i = i1; i < i2; ++i) __builtin_prefetch(R + i * ldr + c);
-        P acc[8];
-        for (int k = 0; k < 8; ++k) acc[k] = ei::pset1<P>(S(0));
-        const S* l = L + i0 * ldl + k0;
-        const S* rr = R + i0 * ldr + c;
-        if (kb == 8) {
-          for (Index i = i0; i < i1; ++i, l += ldl, rr += ldr) {
-            const P v = ei::ploadu<P>(rr);
-            for (int k = 0; k < 8; ++k) acc[k] = ei::pmadd(ei::pset1<P>(l[k]), v, acc[k]);
-          }
-        } else {
-          for (Index i = i0; i < i1; ++i, l += ldl, rr += ldr) {
-            const P v = ei::ploadu<P>(rr);
-            for (int k = 0; k < kb; ++k) acc[k] = ei::pmadd(ei::pset1<P>(l[k]), v, acc[k]);
-          }
-        }
-        const P a = ei::pset1<P>(alpha);
-        for (int k = 0; k < kb; ++k) {
-          S* cp = C + (k0 + k) * ldc + c;
-          ei::pstoreu(cp, ei::pmadd(a, acc[k], ei::ploadu<P>(cp)));
-        }
+      const auto prefetch = [&](Index c, Index w) {  // the next block's lines in [c, c + w), row by row
+        for (Index cc = c; cc < c + w; ++cc)
+          if ((cc - c0) % LINE == 0)
+            for (Index i = i1; i < i2; ++i) __builtin_prefetch(R + i * ldr + cc);
+      };
+      Index c = c0;
+      for (; c + NP * PS <= cv; c += NP * PS) {
+        prefetch(c, NP * PS);
+        rows_step<S, NP>(i0, i1, k0, kb, alpha, L, ldl, R, ldr, C, ldc, c);
+      }
+      for (; c < cv; c += PS) {
+        prefetch(c, PS);
+        rows_step<S, 1>(i0, i1, k0, kb, alpha, L, ldl, R, ldr, C, ldc, c);
       }
     }
     for (Index c = cv; c < c1; ++c)
