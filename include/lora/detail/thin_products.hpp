@@ -21,9 +21,9 @@
 // 0.017, r 64 0.062 / 0.063, d 4096 r 16 0.009 / 0.006 (the one shape slower: C's rows 16 KB
 // apart); two threads d 512 r 8 0.023 / 0.055, d 1024 r 8 0.012 / 0.026, r 64 0.074 / 0.069.
 // With K = r that small, how the accumulators are kept matters: held in registers from the first
-// product to the store (cols_block), y = b + s·t·Bᵀ at n 512, d 1024, r 8 took 0.011 of the merged
+// product to the store (cols_block), y = b + s·t·Bᵀ at n 512, d 1024, r 8 took 0.012 of the merged
 // forward on one thread against 0.024 when GCC kept them on the stack between the loops (two
-// threads 0.014 / 0.020; r 64 one thread 0.062 / 0.079).
+// threads 0.013 / 0.020; r 64 one thread 0.062 / 0.079).
 // rank_rows keeps up to 8 rows of C, three packets of columns wide (one with 16 registers), in
 // registers and walks n in blocks of 16 rows, every packet of columns per block, prefetching the
 // next block's lines meanwhile: R's rows are read across, a packet at a time, which the hardware's prefetchers do not
