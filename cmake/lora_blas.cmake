@@ -30,13 +30,14 @@ find_library(LORA_BLIS_LIBRARY NAMES blis
   DOC "BLIS, for LORA_BLAS=blis or auto")
 
 # Runs the probe against one candidate ("eigen" or a library's path); its score (ns per million multiply-adds) goes to
-# out_var (empty when it does not build or run). Cached per candidate and flags.
+# out_var (empty when it does not build or run), OpenBLAS's kernels' name to LORA_BLAS_PROBE_CORE_<name>. Cached per
+# candidate, flags and OPENBLAS_CORETYPE (which OpenBLAS reads when it loads).
 function(lora_blas_probe name lib out_var)
   set(flags -O2)
   if(LORA_NATIVE)
     set(flags -O3 -march=native)
   endif()
-  set(key "${name}|${lib}|${flags}")
+  set(key "${name}|${lib}|${flags}|$ENV{OPENBLAS_CORETYPE}")
   if(DEFINED LORA_BLAS_PROBE_${name} AND LORA_BLAS_PROBE_KEY_${name} STREQUAL key)
     set(${out_var} "${LORA_BLAS_PROBE_${name}}" PARENT_SCOPE)
     return()
@@ -56,11 +57,16 @@ function(lora_blas_probe name lib out_var)
     COMPILE_OUTPUT_VARIABLE compile_log
     RUN_OUTPUT_VARIABLE run_out)
   set(us "")
+  set(core "")
   if(compile_ok AND run_rc EQUAL 0 AND run_out MATCHES "^([0-9]+)")
     set(us ${CMAKE_MATCH_1})
+    if(run_out MATCHES "\n([A-Za-z0-9_]+)")
+      set(core ${CMAKE_MATCH_1})
+    endif()
   else()
     message(STATUS "lora: the GEMM probe did not run with ${name}")
   endif()
+  set(LORA_BLAS_PROBE_CORE_${name} "${core}" CACHE INTERNAL "")
   set(LORA_BLAS_PROBE_${name} "${us}" CACHE INTERNAL "")
   set(LORA_BLAS_PROBE_KEY_${name} "${key}" CACHE INTERNAL "")
   set(${out_var} "${us}" PARENT_SCOPE)
@@ -83,6 +89,9 @@ if(LORA_BLAS STREQUAL "auto")
       if(LORA_${up}_LIBRARY)
         lora_blas_probe(${cand} ${LORA_${up}_LIBRARY} us)
         string(APPEND report ", ${cand} ${us}")
+        if(NOT LORA_BLAS_PROBE_CORE_${cand} STREQUAL "")
+          string(APPEND report " with ${LORA_BLAS_PROBE_CORE_${cand}} kernels")
+        endif()
         if(NOT us STREQUAL "" AND (best STREQUAL "" OR us LESS best))
           set(best ${us})
           set(LORA_BLAS_SELECTED ${cand})
@@ -90,6 +99,13 @@ if(LORA_BLAS STREQUAL "auto")
       endif()
     endforeach()
     message(STATUS "lora: GEMM probe, one thread, ns per 1e6 multiply-adds (${report}): ${LORA_BLAS_SELECTED}")
+    if(LORA_BLAS_PROBE_CORE_openblas STREQUAL "Prescott")
+      # OpenBLAS falls back to its SSE3 kernels on an x86-64 CPU newer than it knows (Debian 12's 0.3.21 on Sapphire
+      # Rapids: 4x slower than with its SkylakeX kernels there).
+      message(STATUS "lora: OpenBLAS does not know this CPU and runs its generic Prescott (SSE3) kernels; with "
+        "OPENBLAS_CORETYPE=SkylakeX (a CPU with AVX-512) or Haswell (AVX2) set when configuring and when running, it "
+        "runs those")
+    endif()
   endif()
 else()
   set(LORA_BLAS_SELECTED ${LORA_BLAS})

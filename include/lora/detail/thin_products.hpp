@@ -25,17 +25,19 @@
 // forward on one thread against 0.024 when GCC kept them on the stack between the loops (two
 // threads 0.013 / 0.020; r 64 one thread 0.062 / 0.079).
 // rank_rows keeps up to 8 rows of C, three packets of columns wide (one with 16 registers), in
-// registers and walks n in blocks of 16 rows, every packet of columns per block, prefetching the
-// next block's lines meanwhile: R's rows are read across, a packet at a time, which the hardware's prefetchers do not
-// follow (n 2048, N 344, r 8, R out of cache: 300-450 µs here against 730-1160 with blocks of 64
-// rows and no prefetch; in cache 185-260 either way). None packs an operand. A GEMM (Eigen's
-// or OpenBLAS's) packs both into panels sized for wide products and blocks the result 3 packets
-// wide; with r = 8 it ran these at a third to a half of the speed (n 2048, d 128, r 8, float, one
-// thread, AVX2: x·Aᵀ 138 µs in OpenBLAS, 118 in Eigen, 58 here; s·dy·B 138 / 122 / 89; s·tᵀ·dy
-// 142 / 101 / 86; gᵀ·x 143 / 99 / 82). Other shapes (r not a half packet or 1, 2 or 4 packets;
-// r > 16 in rank_rows; other scalars) go to the general product. All split their work over the
-// threads when it is large and no parallel region is open. Results differ from the GEMM's only in
-// summation order.
+// registers, its loops unrolled as in cols_block (dBᵀ = s·tᵀ·dy at n 512, d 1024, r 8, operands in
+// cache: 0.0029 of x·Wᵀ's time against 0.0047 with the accumulators on the stack; dA += gᵀ·x 0.0023
+// / 0.0044; one thread, paired medians), and walks n in blocks of 16 rows, every packet of columns
+// per block, prefetching the next block's lines meanwhile: R's rows are read across, a packet at a
+// time, which the hardware's prefetchers do not follow (n 2048, N 344, r 8, R out of cache: 300-450
+// µs here against 730-1160 with blocks of 64 rows and no prefetch; in cache 185-260 either way).
+// None packs an operand. A GEMM (Eigen's or OpenBLAS's) packs both into panels sized for wide
+// products and blocks the result 3 packets wide; with r = 8 it ran these at a third to a half of
+// the speed (n 2048, d 128, r 8, float, one thread, AVX2: x·Aᵀ 138 µs in OpenBLAS, 118 in Eigen, 58
+// here; s·dy·B 138 / 122 / 89; s·tᵀ·dy 142 / 101 / 86; gᵀ·x 143 / 99 / 82). Other shapes (r not a
+// half packet or 1, 2 or 4 packets; r > 16 in rank_rows; other scalars) go to the general product.
+// All split their work over the threads when it is large and no parallel region is open. Results
+// differ from the GEMM's only in summation order.
 #pragma once
 
 #include <lora/types.hpp>
@@ -111,34 +113,37 @@ void cols_kernel(Index i0, Index i1, Index K, S alpha, const S* L, Index ldl, co
 }
 
 // Rows [k0, k0 + kb) of C, columns [c, c + NP packets), += α·Lᵀ·R over rows [i0, i1) of L and R:
-// kb (≤ 8) × NP packets of accumulators; per row of R, NP packet loads and kb broadcasts of L's
-// row feed kb·NP fused multiply-adds.
-template <class S, int NP>
+// kb × NP packets of accumulators; per row of R, NP packet loads and kb broadcasts of L's row feed
+// kb·NP fused multiply-adds. KB: kb known at compile time (8, the loops unrolled as in cols_block,
+// so that the accumulators stay in registers), or 0 for a kb < 8 given at run time.
+template <class S, int NP, int KB>
 void rows_step(Index i0, Index i1, Index k0, int kb, S alpha, const S* L, Index ldl, const S* R, Index ldr, S* C,
                Index ldc, Index c) {
   using P = typename ei::packet_traits<S>::type;
   constexpr int PS = ei::packet_traits<S>::size;
+  if constexpr (KB > 0) kb = KB;
   P acc[8][NP];
+#pragma GCC unroll 8
   for (int k = 0; k < 8; ++k)
+#pragma GCC unroll 8
     for (int p = 0; p < NP; ++p) acc[k][p] = ei::pset1<P>(S(0));
   const S* l = L + i0 * ldl + k0;
   const S* rr = R + i0 * ldr + c;
-  const auto rows = [&](auto KB) {
-    for (Index i = i0; i < i1; ++i, l += ldl, rr += ldr) {
-      P v[NP];
-      for (int p = 0; p < NP; ++p) v[p] = ei::ploadu<P>(rr + p * PS);
-      for (int k = 0; k < KB(); ++k) {
-        const P b = ei::pset1<P>(l[k]);
-        for (int p = 0; p < NP; ++p) acc[k][p] = ei::pmadd(b, v[p], acc[k][p]);
-      }
+  for (Index i = i0; i < i1; ++i, l += ldl, rr += ldr) {
+    P v[NP];
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) v[p] = ei::ploadu<P>(rr + p * PS);
+#pragma GCC unroll 8
+    for (int k = 0; k < (KB > 0 ? KB : kb); ++k) {
+      const P b = ei::pset1<P>(l[k]);
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; ++p) acc[k][p] = ei::pmadd(b, v[p], acc[k][p]);
     }
-  };
-  if (kb == 8)
-    rows([] { return 8; });
-  else
-    rows([kb] { return kb; });
+  }
   const P a = ei::pset1<P>(alpha);
-  for (int k = 0; k < kb; ++k)
+#pragma GCC unroll 8
+  for (int k = 0; k < (KB > 0 ? KB : kb); ++k)
+#pragma GCC unroll 8
     for (int p = 0; p < NP; ++p) {
       S* cp = C + (k0 + k) * ldc + c + p * PS;
       ei::pstoreu(cp, ei::pmadd(a, acc[k][p], ei::ploadu<P>(cp)));
@@ -164,20 +169,21 @@ void rows_kernel(Index c0, Index c1, Index n, Index r, S alpha, const S* L, Inde
     const int kb = static_cast<int>(std::min<Index>(8, r - k0));
     for (Index i0 = 0; i0 < n; i0 += NB) {
       const Index i1 = std::min(n, i0 + NB), i2 = std::min(n, i1 + NB);
-      const auto prefetch = [&](Index c, Index w) {  // the next block's lines in [c, c + w), row by row
-        for (Index cc = c; cc < c + w; ++cc)
-          if ((cc - c0) % LINE == 0)
-            for (Index i = i1; i < i2; ++i) __builtin_prefetch(R + i * ldr + cc);
+      const auto prefetch = [&](Index c, Index w) {  // the next block's lines starting in [c, c + w), row by row
+        for (Index cc = c + (LINE - (c - c0) % LINE) % LINE; cc < c + w; cc += LINE)
+          for (Index i = i1; i < i2; ++i) __builtin_prefetch(R + i * ldr + cc);
+      };
+      const auto step = [&](auto np, Index c) {  // np: packets of columns, as a type
+        constexpr int W = decltype(np)::value;
+        prefetch(c, W * PS);
+        if (kb == 8)
+          rows_step<S, W, 8>(i0, i1, k0, kb, alpha, L, ldl, R, ldr, C, ldc, c);
+        else
+          rows_step<S, W, 0>(i0, i1, k0, kb, alpha, L, ldl, R, ldr, C, ldc, c);
       };
       Index c = c0;
-      for (; c + NP * PS <= cv; c += NP * PS) {
-        prefetch(c, NP * PS);
-        rows_step<S, NP>(i0, i1, k0, kb, alpha, L, ldl, R, ldr, C, ldc, c);
-      }
-      for (; c < cv; c += PS) {
-        prefetch(c, PS);
-        rows_step<S, 1>(i0, i1, k0, kb, alpha, L, ldl, R, ldr, C, ldc, c);
-      }
+      for (; c + NP * PS <= cv; c += NP * PS) step(std::integral_constant<int, NP>{}, c);
+      for (; c < cv; c += PS) step(std::integral_constant<int, 1>{}, c);
     }
     for (Index c = cv; c < c1; ++c)
       for (int k = 0; k < kb; ++k) {
