@@ -26,18 +26,18 @@
 // threads 0.013 / 0.020; r 64 one thread 0.062 / 0.079).
 // rank_rows keeps up to 8 rows of C, three packets of columns wide (one with 16 registers), in
 // registers, its loops unrolled as in cols_block (dBᵀ = s·tᵀ·dy at n 512, d 1024, r 8, operands in
-// cache: 0.0029 of x·Wᵀ's time against 0.0047 with the accumulators on the stack; dA += gᵀ·x 0.0023
-// / 0.0044; one thread, paired medians), and walks n in blocks of 16 rows, every packet of columns
-// per block, prefetching the next block's lines meanwhile: R's rows are read across, a packet at a
-// time, which the hardware's prefetchers do not follow (n 2048, N 344, r 8, R out of cache: 300-450
-// µs here against 730-1160 with blocks of 64 rows and no prefetch; in cache 185-260 either way).
-// None packs an operand. A GEMM (Eigen's or OpenBLAS's) packs both into panels sized for wide
-// products and blocks the result 3 packets wide; with r = 8 it ran these at a third to a half of
-// the speed (n 2048, d 128, r 8, float, one thread, AVX2: x·Aᵀ 138 µs in OpenBLAS, 118 in Eigen, 58
-// here; s·dy·B 138 / 122 / 89; s·tᵀ·dy 142 / 101 / 86; gᵀ·x 143 / 99 / 82). Other shapes (r not a
-// half packet or 1, 2 or 4 packets; r > 16 in rank_rows; other scalars) go to the general product.
-// All split their work over the threads when it is large and no parallel region is open. Results
-// differ from the GEMM's only in summation order.
+// cache, one thread: 0.62 of the time it took with the accumulators on the stack, dA += gᵀ·x 0.52;
+// paired medians), and walks n in blocks of 16 rows, every packet of columns per block, prefetching
+// the next block's lines meanwhile: R's rows are read across, a packet at a time, which the
+// hardware's prefetchers do not follow (n 2048, N 344, r 8, R out of cache: 300-450 µs here against
+// 730-1160 with blocks of 64 rows and no prefetch; in cache 185-260 either way). None packs an
+// operand. A GEMM (Eigen's or OpenBLAS's) packs both into panels sized for wide products and blocks
+// the result 3 packets wide; with r = 8 it ran these at a third to a half of the speed (n 2048, d
+// 128, r 8, float, one thread, AVX2: x·Aᵀ 138 µs in OpenBLAS, 118 in Eigen, 58 here; s·dy·B 138 /
+// 122 / 89; s·tᵀ·dy 142 / 101 / 86; gᵀ·x 143 / 99 / 82). Other shapes (r not a half packet or 1, 2
+// or 4 packets; r > 16 in rank_rows; other scalars) go to the general product. All split their work
+// over the threads when it is large and no parallel region is open. Results differ from the GEMM's
+// only in summation order.
 #pragma once
 
 #include <lora/types.hpp>
