@@ -121,7 +121,6 @@ void rows_step(Index i0, Index i1, Index k0, int kb, S alpha, const S* L, Index 
                Index ldc, Index c) {
   using P = typename ei::packet_traits<S>::type;
   constexpr int PS = ei::packet_traits<S>::size;
-  if constexpr (KB > 0) kb = KB;
   P acc[8][NP];
 #pragma GCC unroll 8
   for (int k = 0; k < 8; ++k)
