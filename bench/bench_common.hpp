@@ -101,15 +101,20 @@ class RatioReporter : public benchmark::ConsoleReporter {
 };
 
 // Parses --threads=N (default 1), repeats each benchmark 5 times in random interleaved order
-// unless --benchmark_repetitions is given, runs, then calls print(times, threads).
+// unless --benchmark_repetitions is given, runs, then calls print(times, threads) unless
+// --times-only is given (bench/compare_pytorch reads the times alone).
 inline int main(int argc, char** argv, const char* program, const std::function<void()>& register_all,
                 const std::function<void(const Times&, int)>& print) {
   int threads = 1;
-  bool reps_given = false;
+  bool reps_given = false, times_only = false;
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (std::strncmp(argv[i], "--threads=", 10) == 0) {
       threads = std::atoi(argv[i] + 10);
+      continue;
+    }
+    if (std::strcmp(argv[i], "--times-only") == 0) {
+      times_only = true;
       continue;
     }
     if (std::strncmp(argv[i], "--benchmark_repetitions", 23) == 0) reps_given = true;
@@ -127,13 +132,14 @@ inline int main(int argc, char** argv, const char* program, const std::function<
   mallopt(M_MMAP_THRESHOLD, 512 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   lora::set_num_threads(threads);
-  std::printf("%s: %d thread%s (Eigen reports %d)\n", program, threads, threads == 1 ? "" : "s", lora::num_threads());
+  std::printf("%s: %d thread%s (Eigen reports %d), products in %s\n", program, threads, threads == 1 ? "" : "s",
+              lora::num_threads(), lora::gemm_library().c_str());
   register_all();
   benchmark::Initialize(&n, args.data());
   if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
   RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
-  print(reporter.best, threads);
+  if (!times_only) print(reporter.best, threads);
   benchmark::Shutdown();
   return 0;
 }

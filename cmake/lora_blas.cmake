@@ -31,13 +31,15 @@ find_library(LORA_BLIS_LIBRARY NAMES blis
 
 # Runs the probe against one candidate ("eigen" or a library's path); its score (ns per million multiply-adds) goes to
 # out_var (empty when it does not build or run), OpenBLAS's kernels' name to LORA_BLAS_PROBE_CORE_<name>. Cached per
-# candidate, flags and OPENBLAS_CORETYPE (which OpenBLAS reads when it loads).
+# candidate, flags, OPENBLAS_CORETYPE (which OpenBLAS reads when it loads) and the probe's sources.
 function(lora_blas_probe name lib out_var)
   set(flags -O2)
   if(LORA_NATIVE)
     set(flags -O3 -march=native)
   endif()
-  set(key "${name}|${lib}|${flags}|$ENV{OPENBLAS_CORETYPE}")
+  file(SHA1 ${CMAKE_CURRENT_SOURCE_DIR}/cmake/lora_blas_probe.cpp probe_sha)
+  file(SHA1 ${CMAKE_CURRENT_SOURCE_DIR}/include/lora/detail/openblas_kernels.hpp kernels_sha)
+  set(key "${name}|${lib}|${flags}|$ENV{OPENBLAS_CORETYPE}|${probe_sha}|${kernels_sha}")
   if(DEFINED LORA_BLAS_PROBE_${name} AND LORA_BLAS_PROBE_KEY_${name} STREQUAL key)
     set(${out_var} "${LORA_BLAS_PROBE_${name}}" PARENT_SCOPE)
     return()
@@ -53,7 +55,7 @@ function(lora_blas_probe name lib out_var)
     ${CMAKE_CURRENT_SOURCE_DIR}/cmake/lora_blas_probe.cpp
     COMPILE_DEFINITIONS ${defs}
     LINK_LIBRARIES ${libs}
-    CMAKE_FLAGS -DCMAKE_CXX_STANDARD=17
+    CMAKE_FLAGS -DCMAKE_CXX_STANDARD=17 -DINCLUDE_DIRECTORIES=${CMAKE_CURRENT_SOURCE_DIR}/include
     COMPILE_OUTPUT_VARIABLE compile_log
     RUN_OUTPUT_VARIABLE run_out)
   set(us "")
@@ -100,11 +102,8 @@ if(LORA_BLAS STREQUAL "auto")
     endforeach()
     message(STATUS "lora: GEMM probe, one thread, ns per 1e6 multiply-adds (${report}): ${LORA_BLAS_SELECTED}")
     if(LORA_BLAS_PROBE_CORE_openblas STREQUAL "Prescott")
-      # OpenBLAS falls back to its SSE3 kernels on an x86-64 CPU newer than it knows (Debian 12's 0.3.21 on Sapphire
-      # Rapids: 4x slower than with its SkylakeX kernels there).
-      message(STATUS "lora: OpenBLAS does not know this CPU and runs its generic Prescott (SSE3) kernels; with "
-        "OPENBLAS_CORETYPE=SkylakeX (a CPU with AVX-512) or Haswell (AVX2) set when configuring and when running, it "
-        "runs those")
+      # Left on its SSE3 fallback: a CPU without AVX2, or OPENBLAS_CORETYPE=Prescott set (openblas_kernels.hpp).
+      message(STATUS "lora: OpenBLAS runs its generic Prescott (SSE3) kernels on this CPU")
     endif()
   endif()
 else()

@@ -2,7 +2,8 @@
 // precision GEMM on the shapes the library spends its time in, and prints a score (lower is
 // faster). Built once against each candidate BLAS (calling sgemm_, as Eigen does under
 // EIGEN_USE_BLAS) and once with LORA_PROBE_EIGEN (Eigen's own kernels, the flags the library's
-// programs use). Against OpenBLAS, a second line names the kernels it picked for this CPU.
+// programs use). Against OpenBLAS, a second line names the kernels it runs, chosen as the
+// library chooses them (lora/detail/openblas_kernels.hpp: not Prescott on a CPU it does not know).
 //
 //   C (m, n) = A (m, k) · B (k, n), column-major; best of 7 runs per shape.
 #include <algorithm>
@@ -18,7 +19,7 @@ extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* 
                        const int* ldc);
 extern "C" void openblas_set_num_threads(int) __attribute__((weak));
 extern "C" void bli_thread_set_num_threads(long) __attribute__((weak));
-extern "C" char* openblas_get_corename() __attribute__((weak));
+#include <lora/detail/openblas_kernels.hpp>
 #endif
 
 namespace {
@@ -49,6 +50,7 @@ int main() {
 #ifdef LORA_PROBE_EIGEN
   Eigen::setNbThreads(1);
 #else
+  const std::string core = lora::detail::openblas_choose_kernels();
   if (openblas_set_num_threads) openblas_set_num_threads(1);
   if (bli_thread_set_num_threads) bli_thread_set_num_threads(1);
 #endif
@@ -60,7 +62,7 @@ int main() {
   for (const auto& s : shapes) score += best_us(s[0], s[1], s[2]) * 1e9 / (double(s[0]) * s[1] * s[2]);
   std::printf("%.0f\n", score / (sizeof shapes / sizeof shapes[0]));
 #ifndef LORA_PROBE_EIGEN
-  if (openblas_get_corename) std::printf("%s\n", openblas_get_corename());
+  if (!core.empty()) std::printf("%s\n", core.c_str());
 #endif
   return 0;
 }

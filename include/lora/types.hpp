@@ -5,6 +5,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <string>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -13,6 +14,7 @@
 // The GEMM library CMake linked (LORA_BLAS, cmake/lora_blas.cmake): Eigen hands it float and
 // double products (EIGEN_USE_BLAS); its thread count follows set_num_threads below.
 #if defined(LORA_BLAS_OPENBLAS)
+#include <lora/detail/openblas_kernels.hpp>
 extern "C" void openblas_set_num_threads(int);
 #elif defined(LORA_BLAS_BLIS)
 extern "C" void bli_thread_set_num_threads(long);
@@ -50,13 +52,28 @@ inline void set_num_threads(int n) {
 #endif
 }
 
-#if defined(LORA_BLAS_BLIS)
 namespace detail {
+#if defined(LORA_BLAS_OPENBLAS)
+// OpenBLAS's kernels, moved off its Prescott fallback on a CPU it does not know
+// (detail/openblas_kernels.hpp). Once per program.
+inline const std::string openblas_kernels = openblas_choose_kernels();
+#elif defined(LORA_BLAS_BLIS)
 // BLIS runs one thread unless told otherwise; start it at the library's default (all cores, or
 // OMP_NUM_THREADS), as OpenBLAS's OpenMP build and Eigen do. Once per program.
 inline const bool blis_threads_set = (bli_thread_set_num_threads(Eigen::nbThreads()), true);
-}  // namespace detail
 #endif
+}  // namespace detail
+
+// The GEMM behind the products: "eigen", "blis", or "openblas, <name> kernels".
+inline std::string gemm_library() {
+#if defined(LORA_BLAS_OPENBLAS)
+  return "openblas, " + detail::openblas_kernels + " kernels";
+#elif defined(LORA_BLAS_BLIS)
+  return "blis";
+#else
+  return "eigen";
+#endif
+}
 
 inline int num_threads() { return Eigen::nbThreads(); }
 
