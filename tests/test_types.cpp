@@ -44,12 +44,9 @@ TEST(Types, SetNumThreadsSetsTheCountAndZeroRestoresTheDefault) {
 
 #if defined(LORA_BLAS_OPENBLAS)
 namespace {
-// Makes OpenBLAS run `core`'s kernels, as OPENBLAS_CORETYPE does at load time.
 void force_openblas_kernels(const char* core) {
-  setenv("OPENBLAS_CORETYPE", core, 1);
-  gotoblas_dynamic_quit();
-  gotoblas_dynamic_init();
-  unsetenv("OPENBLAS_CORETYPE");
+  ASSERT_TRUE(lora::detail::openblas_set_kernels(core));
+  ASSERT_EQ(lora::detail::openblas_kernels(), core);
 }
 }  // namespace
 
@@ -70,14 +67,19 @@ TEST(Types, OpenBlasLeavesItsPrescottFallbackForThisCpusKernels) {
   // Back on the fallback, as OpenBLAS loads on a CPU it does not know: moved to `want`, the
   // environment left without OPENBLAS_CORETYPE, and the products still right.
   force_openblas_kernels("Prescott");
-  ASSERT_STREQ(openblas_get_corename(), "Prescott");
+  EXPECT_EQ(lora::gemm_library(), "openblas, Prescott kernels");
   EXPECT_EQ(lora::detail::openblas_choose_kernels(), want);
+  EXPECT_EQ(lora::gemm_library(), "openblas, " + want + " kernels");
   EXPECT_STREQ(openblas_get_corename(), want.c_str());
   EXPECT_EQ(std::getenv("OPENBLAS_CORETYPE"), nullptr);
   EXPECT_LT(product_error(96), 1e-4);
 
-  // A user's OPENBLAS_CORETYPE wins: Prescott pinned stays Prescott.
+  // Setting kernels leaves a variable the user set as it was.
+  setenv("OPENBLAS_CORETYPE", "Haswell", 1);
   force_openblas_kernels("Prescott");
+  EXPECT_STREQ(std::getenv("OPENBLAS_CORETYPE"), "Haswell");
+
+  // A user's OPENBLAS_CORETYPE wins: Prescott pinned stays Prescott.
   setenv("OPENBLAS_CORETYPE", "Prescott", 1);
   EXPECT_EQ(lora::detail::openblas_choose_kernels(), "Prescott");
   EXPECT_STREQ(std::getenv("OPENBLAS_CORETYPE"), "Prescott");

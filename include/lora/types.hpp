@@ -55,8 +55,8 @@ inline void set_num_threads(int n) {
 namespace detail {
 #if defined(LORA_BLAS_OPENBLAS)
 // OpenBLAS's kernels, moved off its Prescott fallback on a CPU it does not know
-// (detail/openblas_kernels.hpp). Once per program.
-inline const std::string openblas_kernels = openblas_choose_kernels();
+// (detail/openblas_kernels.hpp). Once per program, during its static initialisation.
+inline const std::string openblas_kernels_at_start = openblas_choose_kernels();
 #elif defined(LORA_BLAS_BLIS)
 // BLIS runs one thread unless told otherwise; start it at the library's default (all cores, or
 // OMP_NUM_THREADS), as OpenBLAS's OpenMP build and Eigen do. Once per program.
@@ -64,10 +64,11 @@ inline const bool blis_threads_set = (bli_thread_set_num_threads(Eigen::nbThread
 #endif
 }  // namespace detail
 
-// The GEMM behind the products: "eigen", "blis", or "openblas, <name> kernels".
+// The GEMM behind the products: "eigen", "blis", or "openblas, <name> kernels" (the kernels
+// OpenBLAS runs now).
 inline std::string gemm_library() {
 #if defined(LORA_BLAS_OPENBLAS)
-  return "openblas, " + detail::openblas_kernels + " kernels";
+  return "openblas, " + detail::openblas_kernels() + " kernels";
 #elif defined(LORA_BLAS_BLIS)
   return "blis";
 #else

@@ -44,19 +44,33 @@ inline const char* openblas_kernels_for_cpu() {
   return "";
 }
 
+// Makes OpenBLAS run `core`'s kernels ("SkylakeX", "Haswell", "Prescott", ...), as
+// OPENBLAS_CORETYPE=core does when it loads; the environment is left as it was found. Needs a
+// DYNAMIC_ARCH OpenBLAS (gotoblas_dynamic_init/quit exported); returns false, changing nothing,
+// without one.
+inline bool openblas_set_kernels(const char* core) {
+  if (!gotoblas_dynamic_quit || !gotoblas_dynamic_init) return false;
+  const char* was = std::getenv("OPENBLAS_CORETYPE");
+  const std::string saved = was ? was : "";
+  setenv("OPENBLAS_CORETYPE", core, 1);
+  gotoblas_dynamic_quit();
+  gotoblas_dynamic_init();
+  if (was)
+    setenv("OPENBLAS_CORETYPE", saved.c_str(), 1);
+  else
+    unsetenv("OPENBLAS_CORETYPE");
+  return true;
+}
+
+// The kernels OpenBLAS runs now ("" when no OpenBLAS is linked).
+inline std::string openblas_kernels() { return openblas_get_corename ? openblas_get_corename() : ""; }
+
 // Moves OpenBLAS off its Prescott fallback (see above). Returns the name of the kernels OpenBLAS
 // runs afterwards, "" when no OpenBLAS is linked.
 inline std::string openblas_choose_kernels() {
-  if (!openblas_get_corename) return "";
   const char* core = openblas_kernels_for_cpu();
-  if (std::strcmp(openblas_get_corename(), "Prescott") == 0 && *core && !std::getenv("OPENBLAS_CORETYPE") &&
-      gotoblas_dynamic_quit && gotoblas_dynamic_init) {
-    setenv("OPENBLAS_CORETYPE", core, 1);
-    gotoblas_dynamic_quit();
-    gotoblas_dynamic_init();
-    unsetenv("OPENBLAS_CORETYPE");
-  }
-  return openblas_get_corename();
+  if (openblas_kernels() == "Prescott" && *core && !std::getenv("OPENBLAS_CORETYPE")) openblas_set_kernels(core);
+  return openblas_kernels();
 }
 
 }  // namespace lora::detail

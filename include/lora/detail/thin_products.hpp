@@ -16,10 +16,13 @@
 // packets, the AVX2 blocking, r 64 ran at 3470: no faster than the GEMM).
 // rank_update is rank_cols's kernel with K = r over blocks of C's columns 4 packets wide (then
 // single packets, then single columns), 48 rows at a time, each block added into C: one pass over
-// C. The GEMM it replaces ran slower on two threads; as a share of the time of x·Wᵀ (n 512,
-// float, OpenBLAS, paired medians), y += s·t·Bᵀ here / in the GEMM: one thread d 1024 r 8 0.011 /
-// 0.017, r 64 0.062 / 0.063, d 4096 r 16 0.009 / 0.006 (the one shape slower: C's rows 16 KB
-// apart); two threads d 512 r 8 0.023 / 0.055, d 1024 r 8 0.012 / 0.026, r 64 0.074 / 0.069.
+// C. As the unmerged forward runs it (y = b + s·t·Bᵀ here, then y += x·Wᵀ in the GEMM), what it
+// adds to the merged forward (y = b, y += x·Wᵀ), here / with y += s·t·Bᵀ in OpenBLAS's GEMM
+// instead (n 512, float, AVX-512, OpenBLAS's SkylakeX kernels, paired medians, two runs): one
+// thread d 512 r 8 0.008–0.009 / 0.028–0.031, d 1024 r 8 −0.001–0.004 / −0.003–0.018, r 64
+// 0.059–0.063 / 0.071–0.078, d 4096 r 16 −0.001–0.005 / 0.003–0.012; two threads d 512 r 8
+// 0.054–0.074 / 0.093–0.102, d 1024 r 8 0.009–0.025 / 0.030–0.057, d 4096 r 16 0.017 / 0.006–0.041,
+// and r 64, the one shape slower here, 0.073–0.103 / 0.046–0.076.
 // With K = r that small, how the accumulators are kept matters: held in registers from the first
 // product to the store (cols_block), y = b + s·t·Bᵀ at n 512, d 1024, r 8 took 0.012 of the merged
 // forward on one thread against 0.024 when GCC kept them on the stack between the loops (two
