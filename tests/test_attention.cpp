@@ -281,6 +281,76 @@ TEST(Attention, LargeBatchRunsHeadsInParallelAndEqualsEachSequenceAlone) {
   }
 }
 
+// Evaluation computes x·Aᵀ once for the projections that read the same matrix (q, k, v in
+// self-attention, k and v in cross-attention; detail/linear_shared_input.hpp); a projection with
+// DoRA, two active adapters, its adapters disabled or merged runs its own forward. Training runs
+// each projection alone, so with no dropout every case gives forward_train's output.
+TEST(Attention, ProjectionsSharingAnInputGiveTheTrainingForwardsOutput) {
+  const Eigen::Index d = 16, T = 12, batch = 2, r = 1;
+  ASSERT_GT(lora::detail::stacked_width<double>(3 * r), 0);  // q, k, v stack in this build
+  AttentionConfig cfg;
+  cfg.heads = 4;
+  cfg.lora.r = int(r);
+  cfg.lora.alpha = 2;
+  cfg.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  const MatD x = random_mat(batch * T, d, 31), ctx = random_mat(batch * 9, d, 32);
+  AttentionMask<double> mask;
+  mask.causal = true;
+  const auto expect_training_output = [&](Att& att, const MatD& base) {
+    const MatD y = att.forward(x, batch, mask), yc = att.forward(x, ctx, batch);
+    EXPECT_GT(max_abs(y - base), 1e-3);  // the LoRA terms count
+    EXPECT_LT(max_abs(att.forward_train(x, batch, mask) - y), 1e-13);
+    EXPECT_LT(max_abs(att.forward_train(x, ctx, batch) - yc), 1e-13);
+  };
+  const auto fresh = [&] {
+    Att att(weights(d, 3), cfg);
+    for (int p = 0; p < 4; ++p) att.lora(Att::kNames[p])->set_lora_B(random_mat(d, r, 40 + p, 0.3));
+    return att;
+  };
+  Att plain = fresh();
+  plain.lora(Att::Proj::q)->enable_adapters(false);
+  plain.lora(Att::Proj::k)->enable_adapters(false);
+  plain.lora(Att::Proj::v)->enable_adapters(false);
+  plain.lora(Att::Proj::o)->enable_adapters(false);
+  const MatD base = plain.forward(x, batch, mask);
+  {
+    SCOPED_TRACE("all three share x");
+    Att att = fresh();
+    expect_training_output(att, base);
+  }
+  {
+    SCOPED_TRACE("k with DoRA");
+    Att att = fresh();
+    lora::LoraConfig dora = cfg.lora;
+    dora.use_dora = true;
+    att.lora(Att::Proj::k)->add_adapter("dora", dora);
+    att.lora(Att::Proj::k)->set_adapter("dora");
+    att.lora(Att::Proj::k)->set_lora_B("dora", random_mat(d, r, 50, 0.3));
+    expect_training_output(att, base);
+  }
+  {
+    SCOPED_TRACE("q with two active adapters");
+    Att att = fresh();
+    att.lora(Att::Proj::q)->add_adapter("second", cfg.lora);
+    att.lora(Att::Proj::q)->set_lora_B("second", random_mat(d, r, 51, 0.3));
+    att.lora(Att::Proj::q)->set_adapter({"default", "second"});
+    expect_training_output(att, base);
+  }
+  {
+    SCOPED_TRACE("v disabled");
+    Att att = fresh();
+    att.lora(Att::Proj::v)->enable_adapters(false);
+    expect_training_output(att, base);
+  }
+  {
+    SCOPED_TRACE("q merged");
+    Att att = fresh();
+    const MatD y = att.forward(x, batch, mask);
+    att.lora(Att::Proj::q)->merge();
+    EXPECT_LT(max_abs(att.forward(x, batch, mask) - y), 1e-12);
+  }
+}
+
 TEST(Attention, FullyMaskedQueriesGiveTheOutputBiasAndNoNaN) {
   auto att = make_attention(8, 2, {"q_proj", "v_proj"});
   AttentionMask<double> mask;

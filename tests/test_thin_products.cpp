@@ -2,14 +2,16 @@
 // a plain triple loop in long double, over ranks that take each kernel (half a packet; 1, 2, 4
 // packets; up to 16 rows of C) and the fallback, row counts around the kernels' blocks, tiles and
 // bands, widths of C that leave single packets and columns after the blocks of 4 packets,
-// strided operands, β = 0 and 1, and work large enough to split over threads; and the blocked
-// transpose behind rank_cols_t and the gradient of B.
+// strided operands, β = 0 and 1, and work large enough to split over threads; the blocked
+// transpose behind rank_cols_t and the gradient of B; and several A factors stacked into one
+// product.
 #include <lora/detail/few_rows.hpp>
 #include <lora/detail/thin_products.hpp>
 
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -167,6 +169,52 @@ TEST(ThinProducts, TransposeIntoCopiesAndAddsExactly) {
         for (Index k = 0; k < K; ++k) EXPECT_EQ(T(k, j), T0(k, j) + A(j, k));
     }
 }
+
+// rank_cols_stacked: C = L·[A_1; …; A_m]ᵀ, each A_i's columns against its own exact product, the
+// padding exactly zero; its width the narrowest that rank_cols' kernels take (half a packet
+// narrower than a packet, one or two packets) or 0 past two packets.
+template <class S>
+void check_stacked(double tol) {
+  constexpr Index PS = Eigen::internal::packet_traits<S>::size;
+  constexpr Index HS = sizeof(typename Eigen::internal::packet_traits<S>::half) / sizeof(S);
+  for (Index rows = 1; rows <= 2 * PS + 1; ++rows) {
+    const Index want = rows <= HS && HS < PS ? HS : rows <= PS ? PS : rows <= 2 * PS ? 2 * PS : 0;
+    EXPECT_EQ(lora::detail::stacked_width<S>(rows), want) << rows << " rows";
+  }
+  const std::vector<std::vector<Index>> shapes = {{8, 8, 8}, {2, 2, 2}, {1, 3, 4}, {1, 1}, {PS, PS}, {PS - 1, 1}, {1, HS}};
+  int stacked = 0;  // shapes within two packets
+  for (const auto& rs : shapes) {
+    Index rows = 0;
+    for (Index r : rs) rows += r;
+    if (lora::detail::stacked_width<S>(rows) == 0) continue;
+    ++stacked;
+    for (Index n : {16, 17, 40, 101})
+      for (Index K : {1, 17, 64}) {
+        SCOPED_TRACE(testing::Message() << "n " << n << " K " << K << " A's " << rs.size() << ", first r " << rs[0]);
+        std::vector<lora::Mat<S>> A;
+        std::vector<const lora::Mat<S>*> ptr;
+        for (std::size_t i = 0; i < rs.size(); ++i) A.push_back(filled<S>(rs[i], K, 30 + int(i)));
+        for (const auto& a : A) ptr.push_back(&a);
+        const Index width = lora::detail::stacked_width<S>(rows);
+        const lora::Mat<S> L = filled<S>(n, K, 29);
+        lora::Mat<S> C(1, 1);
+        lora::detail::rank_cols_stacked<S>(C, L, ptr.data(), int(ptr.size()));
+        ASSERT_EQ(C.rows(), n);
+        ASSERT_EQ(C.cols(), width);
+        Index o = 0;
+        for (const auto& a : A) {
+          const lora::Mat<S> part = C.middleCols(o, a.rows());
+          EXPECT_LT(rel_err<S>(part, exact_product(1.0L, L, a.transpose())), tol);
+          o += a.rows();
+        }
+        EXPECT_TRUE((C.rightCols(width - rows).array() == S(0)).all());
+      }
+  }
+  EXPECT_GE(stacked, 4);
+}
+
+TEST(ThinProducts, StackedFactorsMatchEachProductInDouble) { check_stacked<double>(1e-14); }
+TEST(ThinProducts, StackedFactorsMatchEachProductInFloat) { check_stacked<float>(2e-6); }
 
 // Work above the split threshold, so that the kernels run on several threads where there are.
 TEST(ThinProducts, LargeProductsSplitOverThreadsGiveTheSameResult) {

@@ -20,6 +20,9 @@
 // attention output is zero (then o_proj's bias) and no gradient flows through it. (PyTorch
 // gives NaN there.)
 //
+// In evaluation, the LoRA projections that read the same matrix (q, k, v of self-attention; k, v
+// of cross-attention) compute x·Aᵀ in one product (detail/linear_shared_input.hpp).
+//
 // Training keeps Q, K, V, O (4 × (batch·T or batch·S, d)) and P (batch·heads·T, S); backward's
 // workspaces are dO, dQ, dK, dV of the same sizes as O, Q, K, V and one (T, S) matrix per
 // thread, all reused from call to call; each LoRA projection also keeps its own input (see
@@ -150,9 +153,7 @@ class LoraAttention {
   void forward(const MatRef& query, const MatRef& key, const MatRef& value, Index batch, const Mask& mask, Mat& y) const {
     Shapes s = check("forward", query, key, value, batch, mask);
     thread_local Mat Q, K, V, O, KV;
-    project(Proj::q, query, Q);
-    project(Proj::k, key, K);
-    project(Proj::v, value, V);
+    project_inputs(query, key, value, Q, K, V);
     O.resize(query.rows(), d_);
     attend(Q, K, V, prefix_ ? &prefix_->values(KV) : nullptr, s, mask, O, nullptr);
     project(Proj::o, O, y);
@@ -396,6 +397,34 @@ class LoraAttention {
       }
       row = (row.array() - m).exp();
       row /= row.sum();
+    }
+  }
+
+  // Q, K, V: the LoRA projections that read the same matrix (all three in self-attention, k and v
+  // in cross-attention) share one x·Aᵀ product (detail/linear_shared_input.hpp).
+  void project_inputs(const MatRef& query, const MatRef& key, const MatRef& value, Mat& Q, Mat& K, Mat& V) const {
+    const MatRef* in[3] = {&query, &key, &value};
+    Mat* out[3] = {&Q, &K, &V};
+    const auto same = [](const MatRef& a, const MatRef& b) {
+      return a.data() == b.data() && a.rows() == b.rows() && a.cols() == b.cols() && a.outerStride() == b.outerStride();
+    };
+    bool done[3] = {};
+    for (int p = 0; p < 3; ++p) {
+      if (done[p]) continue;
+      const LoraLinear<Scalar>* layers[3];
+      Mat* ys[3];
+      int m = 0;
+      for (int q = p; q < 3 && proj_[p].lora; ++q)
+        if (!done[q] && proj_[q].lora && same(*in[p], *in[q])) {
+          layers[m] = proj_[q].lora.get();
+          ys[m++] = out[q];
+          done[q] = true;
+        }
+      if (m > 1)
+        detail::SharedInput<Scalar>::forward(*in[p], layers, ys, m);
+      else
+        project(Proj(p), *in[p], *out[p]);
+      done[p] = true;
     }
   }
 

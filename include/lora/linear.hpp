@@ -65,6 +65,11 @@ enum class Keep { copy, borrow };
 // gradients still accumulate).
 enum class InputGrad { set, add, none };
 
+namespace detail {
+template <class>
+struct SharedInput;  // layers reading one x share its x·Aᵀ product (detail/linear_shared_input.hpp)
+}
+
 template <class Scalar>
 class LoraLinear {
  public:
@@ -414,6 +419,9 @@ class LoraLinear {
   void unmerge();
 
  private:
+  template <class>
+  friend struct detail::SharedInput;
+
   // An adapter's settings, factors and gradients (PEFT's lora_A[name], lora_B[name], ...).
   struct Adapter {
     std::string name;
@@ -611,4 +619,5 @@ class LoraLinear {
 #include <lora/detail/linear_adapters.hpp>
 #include <lora/detail/linear_merge.hpp>
 #include <lora/detail/linear_mixed_batch.hpp>
+#include <lora/detail/linear_shared_input.hpp>
 #include <lora/detail/linear_train.hpp>

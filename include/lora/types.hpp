@@ -56,7 +56,7 @@ namespace detail {
 #if defined(LORA_BLAS_OPENBLAS)
 // OpenBLAS's kernels, moved off its Prescott fallback on a CPU it does not know
 // (detail/openblas_kernels.hpp). Once per program, during its static initialisation.
-inline const std::string openblas_kernels_at_start = openblas_choose_kernels();
+inline const bool openblas_kernels_chosen = (openblas_choose_kernels(), true);
 #elif defined(LORA_BLAS_BLIS)
 // BLIS runs one thread unless told otherwise; start it at the library's default (all cores, or
 // OMP_NUM_THREADS), as OpenBLAS's OpenMP build and Eigen do. Once per program.
