@@ -411,10 +411,11 @@ class LoraAttention {
     bool done[3] = {};
     for (int p = 0; p < 3; ++p) {
       if (done[p]) continue;
-      const LoraLinear<Scalar>* layers[3];
-      Mat* ys[3];
-      int m = 0;
-      for (int q = p; q < 3 && proj_[p].lora; ++q)
+      done[p] = true;
+      const LoraLinear<Scalar>* layers[3] = {proj_[p].lora.get()};
+      Mat* ys[3] = {out[p]};
+      int m = 1;
+      for (int q = p + 1; q < 3 && layers[0]; ++q)
         if (!done[q] && proj_[q].lora && same(*in[p], *in[q])) {
           layers[m] = proj_[q].lora.get();
           ys[m++] = out[q];
@@ -424,7 +425,6 @@ class LoraAttention {
         detail::SharedInput<Scalar>::forward(*in[p], layers, ys, m);
       else
         project(Proj(p), *in[p], *out[p]);
-      done[p] = true;
     }
   }
 

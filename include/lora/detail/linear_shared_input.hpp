@@ -9,8 +9,8 @@
 // A layer takes part when its forward would compute exactly that: enabled, one active adapter,
 // unmerged, not DoRA, and x of at least kThinRows rows. The others run their own forward, and so
 // do all of them when fewer than two take part or Σ r_i is wider than stacked_width allows (two
-// packets: 32 floats with AVX-512). Evaluation only: training keeps each layer's t for backward, and dropout
-// gives each its own drop(x).
+// packets: 32 floats with AVX-512). Evaluation only: training keeps each layer's t for backward,
+// and dropout gives each its own drop(x).
 // Measured on bench_attention's layer (4 × 128 tokens, d 512, q, k, v, o targeted, float,
 // AVX-512, OpenBLAS SkylakeX) against the layers apart, both built into one process and called in
 // alternation; (apart − shared) / merged forward, paired medians of 31 to 101 rounds, per run:
@@ -31,13 +31,12 @@ struct SharedInput {
   using Adapter = typename Layer::Adapter;
   static constexpr int kMaxLayers = 4;
 
-  // The adapter layer l's forward applies alone, through the thin kernels, to n rows; or nullptr.
+  // The adapter layer l's forward applies alone, through the thin kernels, to n rows (its one
+  // active adapter, on forward's LoRA-first path); or nullptr.
   static const Adapter* plain(const Layer& l, Index n) {
-    if (l.disabled_ || n < kThinRows || l.reg_.active().size() != 1) return nullptr;
-    const std::string& name = l.reg_.active()[0];
-    if (l.reg_.is_merged(name)) return nullptr;
-    const Adapter& a = l.adapter(name);
-    return a.config.use_dora ? nullptr : &a;
+    const auto& active = l.reg_.active();
+    if (n < kThinRows || active.size() != 1 || !l.lora_first(n, active)) return nullptr;
+    return &l.adapter(active[0]);
   }
 
   // *ys[i] = layers[i]->forward(x) for i < m, y's resized only when their shapes differ.

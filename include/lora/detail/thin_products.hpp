@@ -201,8 +201,7 @@ void rows_kernel(Index c0, Index c1, Index n, Index r, S alpha, const S* L, Inde
   }
 }
 
-// [0, n) cut into `parts` ranges whose starts are multiples of `align`; f(begin, end) on each, in
-// parallel when the work is large and no parallel region is open.
+// S's values in one SIMD packet (half: in the half-width one); 1 without SIMD.
 template <class S>
 constexpr Index width(bool half) {
   if constexpr (simd<S>) return Index(half ? sizeof(packet<S, true>()) : sizeof(packet<S, false>())) / Index(sizeof(S));
@@ -217,6 +216,8 @@ bool kernel_width(Index r) {
   return simd<S> && (r == PS || r == 2 * PS || r == 4 * PS || (HS < PS && r == HS));
 }
 
+// [0, n) cut into `parts` ranges whose starts are multiples of `align`; f(begin, end) on each, in
+// parallel when the work is large and no parallel region is open.
 template <class F>
 void split(Index n, Index align, double work, F f) {
   int parts = 1;
